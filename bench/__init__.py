@@ -1,0 +1,1 @@
+"""Benchmark runner and recorded results."""

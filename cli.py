@@ -1,0 +1,148 @@
+"""`vidrd-rt`: a thin command line over the library; each command maps onto one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="VidRD inference runtime: long text-to-video with a temporal Stable Diffusion UNet.")
+
+# Model flags shared by every command that needs a model.
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="tiny, vidrd-base, or a folder from `convert`")]
+RandomOpt = Annotated[bool, typer.Option("--random-weights", help="draw random weights for a preset")]
+WeightsSeedOpt = Annotated[int, typer.Option("--weights-seed", help="seed of --random-weights")]
+CkptOpt = Annotated[Optional[str], typer.Option("--ckpt", help="the authors' ModelT2V.pth")]
+SdOpt = Annotated[Optional[str], typer.Option("--sd", help="stable-diffusion-2-1-base folder (diffusers layout)")]
+VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="the authors' vae_finetuned folder")]
+
+
+def _source(model, random_weights, weights_seed, ckpt, sd, vae):
+    from .runtime.weights import ModelSource
+
+    return ModelSource(model=model, ckpt=ckpt, sd_dir=sd, vae_dir=vae, random_weights=random_weights,
+                       weights_seed=weights_seed)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def inspect(
+    preset: Annotated[Optional[str], typer.Argument(help="tiny or vidrd-base")] = None,
+    model: ModelOpt = None, ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="every tensor as [name, shape, dtype], authors' names")] = False,
+):
+    """Parameter counts per network (total and temporal); with --json, the full state-dict layout."""
+    from .runtime.inspect import inspect_model
+
+    report = inspect_model(_source(model or preset, True, 0, ckpt, sd, vae), layout=as_json)
+    if as_json:
+        typer.echo(json.dumps(report["layout"]))
+        return
+    for network, counts in report["counts"].items():
+        typer.echo(f"{network:13s} {counts['total']:>15,d} parameters, {counts['temporal']:>13,d} temporal")
+    typer.echo(f"{'all':13s} {sum(c['total'] for c in report['counts'].values()):>15,d} parameters")
+
+
+@app.command()
+def convert(
+    out: Annotated[str, typer.Argument(help="new folder for the converted model")],
+    model: ModelOpt = None, random_weights: RandomOpt = False, weights_seed: WeightsSeedOpt = 0,
+    ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
+):
+    """Write a model (usually the authors' release) as one folder: vidrd.json + safetensors + tokenizer."""
+    from pathlib import Path
+
+    from .runtime.weights import load_model, save_converted
+
+    loaded = load_model(_source(model, random_weights, weights_seed, ckpt, sd, vae))
+    save_converted(loaded, Path(out))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="what the video shows")],
+    out: Annotated[str, typer.Option("--out", help="video.mp4, video.gif, frames.npy or a folder/ of PNGs")],
+    clips: Annotated[int, typer.Option(help="number of clips")] = 1,
+    frames: Annotated[int, typer.Option(help="frames per clip (N)")] = 16,
+    overlap: Annotated[int, typer.Option(help="frames prompted by the previous clip (M)")] = 4,
+    alpha: Annotated[float, typer.Option(help="PNS strength (Eq. 7)")] = 4.0,
+    beta: Annotated[float, typer.Option(help="DSG strength (Eq. 8), in [0, 1]")] = 0.4,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 10.0,
+    negative_prompt: Annotated[str, typer.Option(help="what to steer away from")] = "",
+    seed: Annotated[int, typer.Option(help="noise seed: same seed and inputs, same video")] = 0,
+    noise_prior: Annotated[float, typer.Option(help="progressive noise prior for clip 0 (0: off)")] = 0.0,
+    height: Annotated[Optional[int], typer.Option(help="pixels; default: the model's")] = None,
+    width: Annotated[Optional[int], typer.Option(help="pixels; default: the model's")] = None,
+    decoder: Annotated[str, typer.Option(help="temporal (paper) or per-frame (authors' code)")] = "temporal",
+    drop_overlap: Annotated[bool, typer.Option("--drop-overlap", help="leave out each later clip's first M frames")] = False,
+    fps: Annotated[int, typer.Option(help="frames per second of the video file")] = 8,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same command")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
+    backend: Annotated[str, typer.Option(help="torch, compiled, onnxruntime or tensorrt")] = "torch",
+    model: ModelOpt = None, random_weights: RandomOpt = False, weights_seed: WeightsSeedOpt = 0,
+    ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
+):
+    """Turn text into a video of any length, clip by clip, written while it is made."""
+    from .runtime.config import RuntimeConfig, SamplerConfig
+    from .runtime.generate import GenerateRequest
+    from .runtime.progress import run_with_progress
+
+    request = GenerateRequest(
+        prompt=prompt, out=out, negative_prompt=negative_prompt, height=height, width=width,
+        drop_overlap=drop_overlap, fps=fps, resume=resume,
+        sampler=SamplerConfig(clips=clips, frames=frames, overlap=overlap, alpha=alpha, beta=beta, steps=steps,
+                              guidance=guidance, seed=seed, noise_prior=noise_prior),
+        runtime=RuntimeConfig(device=device, dtype=dtype, backend=backend, decoder=decoder),
+        source=_source(model, random_weights, weights_seed, ckpt, sd, vae),
+    )
+    summary = run_with_progress(request)
+    typer.echo(f"wrote {summary['out']}: {summary['clips']} clips, {summary['frames']} frames, "
+               f"{summary['width']}x{summary['height']}")
+
+
+def main() -> None:
+    """Console entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    from .runtime.errors import UserError
+
+    from .runtime.generate import Interrupted
+
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        _fail_plain(str(e))
+    except Interrupted as e:
+        print(f"interrupted by {e}: the clips finished so far are in the output; continue with --resume",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.BadParameter, typer.Abort) as e:
+        _fail_plain(str(e))
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+def _fail_plain(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

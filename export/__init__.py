@@ -1,0 +1,1 @@
+"""ONNX and TensorRT export of the temporal UNet, decoder and text encoder."""

@@ -1,0 +1,1 @@
+"""Networks, loading and sampling: everything between a prompt and decoded frames."""

@@ -1,0 +1,62 @@
+"""Backends: callables that run the networks. They take tensors and know nothing about FNR, PNS or DSG.
+
+A denoiser is `(sample [2B, 4, F, h, w], timestep [2B], context [2B, 77, D]) -> noise prediction like sample`;
+a decoder is `latents [B, 4, F, h, w] -> frames [B, 3, F, H, W] in [0, 1]`. Latents stay float32 in the sampler;
+a backend casts to its own precision at the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import RuntimeConfig
+from .errors import UserError
+from .model import VidRDModel
+from .vae_temporal import VideoDecoder
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def prepare_for_device(model: VidRDModel, runtime: RuntimeConfig) -> VidRDModel:
+    """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies."""
+    if torch.device(runtime.device).type == "cuda":
+        for module in (model.unet, model.vae):
+            module.to(memory_format=torch.channels_last)
+            for p in module.parameters():
+                if p.ndim == 5:  # Temp-Conv weights, used as (C, C, 3, 1) on channels_last clips
+                    p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
+class TorchDenoiser:
+    """Eager PyTorch UNet."""
+
+    def __init__(self, model: VidRDModel, runtime: RuntimeConfig):
+        self.unet = model.unet
+        self.dtype = runtime.torch_dtype
+
+    @torch.inference_mode()
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample.to(self.dtype), timestep, context.to(self.dtype)).to(sample.dtype)
+
+
+class TorchDecoder:
+    """Eager PyTorch decoder, temporal (whole clip) or per frame (the authors' sampling code)."""
+
+    def __init__(self, model: VidRDModel, runtime: RuntimeConfig):
+        self.decoder = VideoDecoder(model.vae, per_frame=runtime.decoder == "per-frame")
+        self.dtype = runtime.torch_dtype
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents.to(self.dtype))
+
+
+def make_backends(model: VidRDModel, runtime: RuntimeConfig) -> tuple[Denoiser, Decoder]:
+    """The denoiser and decoder for `runtime.backend`."""
+    if runtime.backend == "torch":
+        return TorchDenoiser(model, runtime), TorchDecoder(model, runtime)
+    raise UserError(f"--backend {runtime.backend} is not available in this build; use --backend torch")

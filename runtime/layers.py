@@ -1,0 +1,157 @@
+"""Building blocks shared by the temporal UNet and the temporal VAE decoder.
+
+Activations are kept with frames folded into the batch, (B*F, C, H, W), so 2D convolutions run directly. The
+layers that look across frames (GroupNorm over a clip, Temp-Conv, Temp-Attn) view that tensor per clip. When the
+tensor is channels_last, i.e. physically (B, F, H, W, C), every such view is free; otherwise it costs a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#################################################################################
+#                         Layout helpers (views, no maths)                       #
+#################################################################################
+
+
+def to_clip_rows(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B*F, C, H, W) -> (B, C, F*H, W): one 'image' per clip, frames stacked along height."""
+    bf, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(bf // frames, frames * h, w, c).permute(0, 3, 1, 2)
+
+
+def from_clip_rows(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Inverse of to_clip_rows: (B, C, F*H, W) -> (B*F, C, H, W)."""
+    b, c, fh, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b * frames, fh // frames, w, c).permute(0, 3, 1, 2)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H*W, C)."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+
+
+def from_tokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, H*W, C) -> (N, C, H, W), channels_last."""
+    n, _, c = x.shape
+    return x.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+#################################################################################
+#                                  Normalisation                                 #
+#################################################################################
+
+
+class ClipGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics span all frames of a clip (the authors' GroupNorm on a 5D b c f h w tensor).
+
+    Input (B*F, C, H, W) and the frame count; the clip is viewed as one (C, F*H, W) image so the native kernel
+    (fp32 accumulation on CUDA also for fp16 inputs) does the work.
+    """
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
+        y = F.group_norm(to_clip_rows(x, frames), self.num_groups, self.weight, self.bias, self.eps)  # (B, C, F*H, W)
+        return from_clip_rows(y, frames)  # (B*F, C, H, W)
+
+
+#################################################################################
+#                                     Temp-Conv                                  #
+#################################################################################
+
+
+class TemporalConv(nn.Module):
+    """Temp-Conv: L x [GroupNorm(32) -> SiLU -> Dropout -> Conv3d(C, C, (3,1,1))] with a residual over frames.
+
+    The Conv3d weights keep the authors' (C, C, 3, 1, 1) shape; the convolution runs as a 2D (3, 1) convolution on
+    the clip viewed as (B, C, F, H*W), which is a free view of the channels_last activations.
+    """
+
+    def __init__(self, channels: int, num_layers: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(num_layers):
+            layers += [nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout)]
+            layers += [nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))]
+        self.convs = nn.ModuleList(layers)  # authors' key names: convs.{0,3,4,7,...}
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        if frames == 1:  # a single image: the temporal layers are inactive (authors' rule)
+            return x
+        bf, c, h, w = x.shape
+        clip = x.permute(0, 2, 3, 1).reshape(bf // frames, frames, h * w, c).permute(0, 3, 1, 2)  # (B, C, F, HW)
+        y = clip
+        for i in range(0, len(self.convs), 4):
+            norm, act, drop, conv = self.convs[i : i + 4]
+            y = drop(act(norm(y)))  # GroupNorm over (C/G, F, HW): all frames of the clip
+            y = F.conv2d(y, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))  # (B, C, F, HW)
+        y = clip + y
+        return y.permute(0, 2, 3, 1).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W)
+
+
+#################################################################################
+#                                     Attention                                  #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' key names (to_q, to_k, to_v, to_out.0); softmax through SDPA."""
+
+    def __init__(self, query_dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))  # (N, heads, L, d)
+        k = self._split_heads(self.to_k(context))  # (N, heads, S, d)
+        v = self._split_heads(self.to_v(context))  # (N, heads, S, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, d), scale d**-0.5 as in the authors' code
+        n, _, seq, _ = out.shape
+        return self.to_out[0](out.transpose(1, 2).reshape(n, seq, -1))  # (N, L, C)
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        n, seq, c = t.shape
+        return t.view(n, seq, self.heads, c // self.heads).transpose(1, 2)
+
+
+class GEGLU(nn.Module):
+    """diffusers' GEGLU: one projection to 2 x inner, gated by GELU."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward with GEGLU, keys net.0.proj and net.2."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+def frame_position_embedding(frames: int, dim: int, device, dtype) -> torch.Tensor:
+    """Sinusoidal frame-position embedding (F, dim): sin on even channels, cos on odd (Vaswani et al. 2017)."""
+    position = torch.arange(frames, device=device, dtype=torch.float32)[:, None]  # (F, 1)
+    div = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = position * div  # (F, dim/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(frames, dim).to(dtype)  # interleaved
