@@ -89,6 +89,8 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
     backend: Annotated[str, typer.Option(help="torch, compiled, onnxruntime or tensorrt")] = "torch",
+    engine_dir: Annotated[Optional[str], typer.Option(help="engines from build-engine (onnxruntime/tensorrt)")] = None,
+    inflight: Annotated[int, typer.Option(help="clips denoised together in one batched UNet call")] = 1,
     model: ModelOpt = None, random_weights: RandomOpt = False, weights_seed: WeightsSeedOpt = 0,
     ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
 ):
@@ -102,7 +104,8 @@ def generate(
         drop_overlap=drop_overlap, fps=fps, resume=resume,
         sampler=SamplerConfig(clips=clips, frames=frames, overlap=overlap, alpha=alpha, beta=beta, steps=steps,
                               guidance=guidance, seed=seed, noise_prior=noise_prior),
-        runtime=RuntimeConfig(device=device, dtype=dtype, backend=backend, decoder=decoder),
+        runtime=RuntimeConfig(device=device, dtype=dtype, backend=backend, decoder=decoder, inflight=inflight,
+                              engine_dir=engine_dir),
         source=_source(model, random_weights, weights_seed, ckpt, sd, vae),
     )
     summary = run_with_progress(request)

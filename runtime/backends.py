@@ -56,7 +56,19 @@ class TorchDecoder:
 
 
 def make_backends(model: VidRDModel, runtime: RuntimeConfig) -> tuple[Denoiser, Decoder]:
-    """The denoiser and decoder for `runtime.backend`."""
+    """The denoiser and decoder for `runtime.backend` (each backend module is imported only when chosen)."""
     if runtime.backend == "torch":
         return TorchDenoiser(model, runtime), TorchDecoder(model, runtime)
-    raise UserError(f"--backend {runtime.backend} is not available in this build; use --backend torch")
+    if runtime.backend == "compiled":
+        from .compiled import make_compiled_backends
+
+        return make_compiled_backends(model, runtime)
+    if runtime.backend == "onnxruntime":
+        from .backend_ort import make_ort_backends
+
+        return make_ort_backends(model, runtime)
+    if runtime.backend == "tensorrt":
+        from .backend_trt import make_trt_backends
+
+        return make_trt_backends(model, runtime)
+    raise UserError(f"--backend {runtime.backend} is not available; use torch, compiled, onnxruntime or tensorrt")

@@ -248,6 +248,8 @@ class RuntimeConfig:
     # Clips denoised together in one batched UNet call (wavefront, clip k one step behind k-1). More clips raise
     # throughput until the GPU is full; memory grows with it, not with the number of clips.
     inflight: int = 1
+    # Where ONNX / TensorRT artefacts live (backends onnxruntime and tensorrt); built by `vidrd-rt build-engine`.
+    engine_dir: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
