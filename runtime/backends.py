@@ -23,11 +23,11 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 def prepare_for_device(model: VidRDModel, runtime: RuntimeConfig) -> VidRDModel:
     """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies."""
     if torch.device(runtime.device).type == "cuda":
+        formats = {4: torch.channels_last, 5: torch.channels_last_3d}  # 5-D: Temp-Conv, used as (C, C, 3, 1)
         for module in (model.unet, model.vae):
-            module.to(memory_format=torch.channels_last)
             for p in module.parameters():
-                if p.ndim == 5:  # Temp-Conv weights, used as (C, C, 3, 1) on channels_last clips
-                    p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+                if p.ndim in formats:
+                    p.data = p.data.contiguous(memory_format=formats[p.ndim])
     return model
 
 
