@@ -113,6 +113,93 @@ def generate(
                f"{summary['width']}x{summary['height']}")
 
 
+@app.command("build-engine")
+def build_engine(
+    engine_dir: Annotated[str, typer.Option("--engine-dir", help="folder for the engines and their manifest")],
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt")] = "onnxruntime",
+    frames: Annotated[int, typer.Option(help="frames per clip (N) the engines run")] = 16,
+    height: Annotated[Optional[int], typer.Option(help="pixels; default: the model's")] = None,
+    width: Annotated[Optional[int], typer.Option(help="pixels; default: the model's")] = None,
+    batch: Annotated[int, typer.Option(help="clips per UNet call (the UNet runs twice that, for CFG)")] = 1,
+    precision: Annotated[Optional[str], typer.Option(help="fp16 or fp32; default fp16 on cuda, fp32 on cpu")] = None,
+    min_frames: Annotated[Optional[int], typer.Option(help="dynamic frame axis from this many frames")] = None,
+    max_frames: Annotated[Optional[int], typer.Option(help="dynamic frame axis up to this many frames")] = None,
+    decoder: Annotated[str, typer.Option(help="temporal (paper) or per-frame (authors' code)")] = "temporal",
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default cuda when there is one")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild stale or damaged engines")] = False,
+    model: ModelOpt = None, random_weights: RandomOpt = False, weights_seed: WeightsSeedOpt = 0,
+    ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
+):
+    """Export the UNet, decoder and text encoder to ONNX (and TensorRT plans) for --backend onnxruntime|tensorrt."""
+    from .export.build import build_from_source, default_device, default_precision
+    from .export.specs import EngineShapes
+
+    device = device or default_device()
+    shapes = EngineShapes(frames=frames, height=height, width=width, batch=batch, decoder=decoder,
+                          precision=precision or default_precision(device), min_frames=min_frames,
+                          max_frames=max_frames)
+    summary = build_from_source(_source(model, random_weights, weights_seed, ckpt, sd, vae), backend, engine_dir,
+                                shapes, device, rebuild, log=typer.echo)
+    built = ", ".join(f"{n} ({summary['seconds'][n]:.1f} s)" for n in summary["built"]) or "nothing"
+    typer.echo(f"{summary['engine_dir']}: built {built}; reused {', '.join(summary['reused']) or 'nothing'}")
+
+
+@app.command()
+def bench(
+    ladder: Annotated[str, typer.Option(help="rows: preset[:key=value...] joined by commas (see bench/README.md)")]
+    = "authors,fp16,compiled,wavefront,onnxruntime,tensorrt",
+    backends: Annotated[Optional[str], typer.Option(help="keep only rows of these backends, e.g. torch,compiled")]
+    = None,
+    k: Annotated[str, typer.Option("--k", help="K values of the `wavefront` row (clips in flight)")] = "2,4,8",
+    json_path: Annotated[str, typer.Option("--json", help="result file; .md, .png and .log go beside it")]
+    = "bench.json",
+    append: Annotated[bool, typer.Option("--append", help="keep the rows already in --json (same name: replaced)")]
+    = False,
+    merge: Annotated[Optional[list[str]], typer.Option("--merge", help="merge these result files; runs nothing")]
+    = None,
+    clips: Annotated[int, typer.Option(help="clips of the clean pass (steady state: >= 10)")] = 10,
+    warmup_clips: Annotated[Optional[int], typer.Option(help="warm-up clips; default max(2, K+1)")] = None,
+    stage_clips: Annotated[Optional[int], typer.Option(help="instrumented clips; default max(2, K+1)")] = None,
+    time_budget: Annotated[float, typer.Option(help="seconds; later rows skipped, clean pass cut (0: none)")] = 0.0,
+    encode: Annotated[bool, typer.Option("--encode", help="clean pass also encodes the mp4 (end to end)")] = False,
+    peak_size: Annotated[Optional[int], typer.Option(help="matmul side for the peak (8192 cuda, 512 cpu)")] = None,
+    prompt: Annotated[str, typer.Option(help="the one prompt")] = "a boat is sailing in a lake",
+    frames: Annotated[int, typer.Option(help="frames per clip (N)")] = 16,
+    overlap: Annotated[int, typer.Option(help="M")] = 4,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    guidance: Annotated[float, typer.Option(help="CFG scale")] = 10.0,
+    height: Annotated[Optional[int], typer.Option(help="pixels; default: the model's")] = None,
+    width: Annotated[Optional[int], typer.Option(help="pixels; default: the model's")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="dtype of rows that do not name one")] = "fp16",
+    decoder: Annotated[str, typer.Option(help="decoder of rows that do not name one")] = "temporal",
+    engine_dir: Annotated[Optional[str], typer.Option(help="engines for onnxruntime/tensorrt rows")] = None,
+    model: ModelOpt = None, random_weights: RandomOpt = False, weights_seed: WeightsSeedOpt = 0,
+    ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
+):
+    """Time an ablation ladder of runtime configurations side by side: JSON, markdown table and PNG plot."""
+    import shlex
+
+    from .bench.ladder import parse_ints, parse_ladder
+    from .bench.report import markdown
+    from .bench.runner import BenchRequest, merge_files, run_bench
+    from .runtime.config import SamplerConfig
+
+    if merge:
+        typer.echo(markdown(merge_files(merge, json_path, append)), nl=False)
+        return
+    rows = parse_ladder(ladder, device, dtype, decoder, parse_ints(k, "--k"), engine_dir,
+                        tuple(b.strip() for b in backends.split(",")) if backends else None)
+    request = BenchRequest(
+        source=_source(model, random_weights, weights_seed, ckpt, sd, vae), rows=tuple(rows), device=device,
+        sampler=SamplerConfig(clips=clips, frames=frames, overlap=overlap, steps=steps, guidance=guidance),
+        prompt=prompt, height=height, width=width, warmup_clips=warmup_clips, stage_clips=stage_clips,
+        encode_in_loop=encode, json_path=json_path, append=append, time_budget_s=time_budget, peak_size=peak_size,
+        command=shlex.join(["vidrd-rt", *sys.argv[1:]]),
+    )
+    typer.echo(markdown(run_bench(request)), nl=False)
+
+
 def main() -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     from .runtime.errors import UserError

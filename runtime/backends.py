@@ -2,7 +2,9 @@
 
 A denoiser is `(sample [2B, 4, F, h, w], timestep [2B], context [2B, 77, D]) -> noise prediction like sample`;
 a decoder is `latents [B, 4, F, h, w] -> frames [B, 3, F, H, W] in [0, 1]`. Latents stay float32 in the sampler;
-a backend casts to its own precision at the boundary.
+a backend casts to its own precision at the boundary. A denoiser may also offer `compile_step(build)`: the pipeline
+then hands it `build` (denoiser -> the sampler's whole step function) and runs the step it returns
+(runtime/compiled.py); decoders enqueue their work on torch's current CUDA stream (decode runs on a side stream).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """The `generate` job: stream clips into a video file, keep resume state after each clip, survive signals.
 
 After every clip, in this order: its frames are stored in the run folder next to the output (atomically), written
-to the video, and the sampler state (clip buffers + noise generator) is saved atomically. A resumed run re-encodes
-the stored clips and continues from the state, so it gives exactly the file an uninterrupted run gives.
+to the video, and the sampler state (clip buffers + noise generator) is saved atomically. This happens in a writer
+thread, clip by clip in order, while the next clips are denoised; the state saved is the one each clip carries
+(a sequential run's state right after it), not the live buffers, which lanes of a wavefront may have moved on.
+A resumed run re-encodes the stored clips and continues from the state, so it gives exactly the file an
+uninterrupted run gives (with the same --inflight).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from .config import RuntimeConfig, SamplerConfig
 from .errors import UserError
 from .noise import TorchNoise
+from .overlap import ClipSink
 from .pipeline import VideoPipeline, encode_prompt
 from .video_io import ClipFrameStore, OutputError, atomic_torch_save, check_output_path, open_writer, run_dir_for
 from .weights import ModelSource, load_model
@@ -58,7 +62,8 @@ class GenerateRequest:
         fields = asdict(self)
         fields["sampler"].pop("clips")
         fields.pop("resume")
-        fields["runtime"] = {k: fields["runtime"][k] for k in ("dtype", "backend", "decoder")}
+        # inflight too: the lane count sets the batch shape, and with it the last bits of every clip.
+        fields["runtime"] = {k: fields["runtime"][k] for k in ("dtype", "backend", "decoder", "inflight")}
         blob = json.dumps([fields, model_fingerprint], sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -102,14 +107,24 @@ def generate(request: GenerateRequest, on_clip: Optional[Callable] = None, on_st
             if on_step:
                 on_step(info)
 
+        def finish_clip(pending) -> None:  # in the writer thread, clip by clip in order
+            clip = pending.result()
+            run.save_clip(clip, writer)
+            if on_clip:
+                on_clip(clip)
+
+        # Decoding (side CUDA stream) and writing (this thread) overlap the next clips' denoising; the bounded
+        # queue holds the denoiser back when the writer lags, so memory stays flat.
+        sink = ClipSink(finish_clip, depth=2)
         try:
-            for clip in pipeline.clips(context, request.sampler, state, noise, request.drop_overlap, step_hook):
-                run.save_clip(clip, state, noise, writer)
-                if on_clip:
-                    on_clip(clip)
+            for pending in pipeline.pending_clips(context, request.sampler, state, noise, request.drop_overlap,
+                                                  step_hook):
+                sink.put(pending)  # raises what the writer thread raised (on_clip, a full disk, ...)
                 if caught:
                     raise Interrupted(caught[0])
+            sink.close()
         except BaseException:
+            sink.close(raise_error=False)  # every clip already handed over is finished and written first
             _close_or_abort(writer)
             raise
     path = writer.close()
@@ -153,13 +168,12 @@ class _RunFolder:
         """Stored clips 0..clips_done-1 (a clip stored but not yet in the saved state is generated again)."""
         return (self.store.load(i) for i in range(clips_done))
 
-    def save_clip(self, clip, state, noise, writer) -> None:
+    def save_clip(self, clip, writer) -> None:
+        """Store, write, then save the state the clip carries (a sequential run's state right after it)."""
         self.store.append(clip.index, clip.frames)
         writer.write(clip.frames)
-        clip_state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in state.state_dict().items()}
         os.makedirs(self.path, exist_ok=True)
-        atomic_torch_save({"fingerprint": self.fingerprint, "clip_state": clip_state, "noise": noise.get_state()},
-                          os.path.join(self.path, STATE_FILE))
+        atomic_torch_save({"fingerprint": self.fingerprint, **clip.resume}, os.path.join(self.path, STATE_FILE))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

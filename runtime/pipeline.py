@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -14,17 +12,10 @@ from .config import ConfigError, RuntimeConfig, SamplerConfig
 from .ddim import DDIMTable
 from .model import VidRDModel
 from .noise import NoiseSource, TorchNoise
-from .sampler import ClipState, sample_clip
+from .overlap import AsyncDecoder, Clip, PendingClip
+from .sampler import ClipState, make_step, sample_clip
 from .text_encoder import tokenize
-
-
-@dataclass
-class Clip:
-    """One finished clip: its index, its frames (uint8 [F, H, W, 3]) and how long it took."""
-
-    index: int
-    frames: np.ndarray
-    seconds: float
+from .wavefront import wavefront_clips
 
 
 def check_size(model: VidRDModel, height: int, width: int) -> None:
@@ -59,6 +50,7 @@ class VideoPipeline:
         default_denoise, default_decode = (None, None) if denoise and decode else make_backends(model, runtime)
         self.denoise = denoise or default_denoise
         self.decode = decode or default_decode
+        self._steps: dict[tuple, tuple] = {}  # (steps, overlap, guidance) -> (DDIM table, step function or None)
 
     def new_state(self, sampler: SamplerConfig, height: int, width: int) -> ClipState:
         """The clip-to-clip buffers for one prompt, allocated once for the whole video."""
@@ -72,13 +64,43 @@ class VideoPipeline:
               on_step: Optional[Callable[[dict], None]] = None) -> Iterator[Clip]:
         """Clips state.clips_done .. sampler.clips-1. With drop_overlap, clips after the first leave out their
         first M frames (which mirror the previous clip's last M, by FNR)."""
+        for pending in self.pending_clips(context, sampler, state, noise, drop_overlap, on_step):
+            yield pending.result()
+
+    def pending_clips(self, context: torch.Tensor, sampler: SamplerConfig, state: ClipState,
+                      noise: Optional[NoiseSource] = None, drop_overlap: bool = False,
+                      on_step: Optional[Callable[[dict], None]] = None) -> Iterator[PendingClip]:
+        """As clips(), but each clip may still be decoding (on a side CUDA stream) when it is yielded: result()
+        waits for it. Each carries the resume state a sequential run has right after it (runtime/overlap.py)."""
         noise = noise or TorchNoise(sampler.seed)
-        table = DDIMTable.build(self.model.config.scheduler, sampler.steps, self.runtime.device)
         context = context.to(self.runtime.device)
-        while state.clips_done < sampler.clips:
-            start, index = time.perf_counter(), state.clips_done
-            latents = sample_clip(self.denoise, table, state, context, sampler, noise, on_step)  # [1, 4, N, h, w]
-            frames = frames_uint8(self.decode(latents))  # [N, H, W, 3]
-            if drop_overlap and index > 0:
-                frames = frames[sampler.overlap:]
-            yield Clip(index, frames, time.perf_counter() - start)
+        decoder = AsyncDecoder(self.decode, self.runtime.device)
+        for index, latents, noise_state in self._latents(context, sampler, state, noise, on_step):
+            snapshot = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.state_dict().items()}
+            keep_from = sampler.overlap if drop_overlap and index > 0 else 0
+            yield decoder.submit(index, latents, snapshot, noise_state, keep_from)
+
+    def _latents(self, context, sampler: SamplerConfig, state: ClipState, noise: NoiseSource, on_step):
+        """(index, x0 latents [1, 4, N, h, w], noise state after the clip) in clip order. Sequential reference
+        (sampler.py) for an eager backend at --inflight 1, else the wavefront over the (compiled) step."""
+        table, step = self.step_for(sampler)
+        if step is None:
+            while state.clips_done < sampler.clips:
+                index = state.clips_done
+                latents = sample_clip(self.denoise, table, state, context, sampler, noise, on_step)
+                yield index, latents, noise.get_state()
+            return
+        for clip in wavefront_clips(step, table, state, context, sampler, noise, self.runtime.inflight, on_step):
+            yield clip.index, clip.latents, clip.noise_state
+
+    def step_for(self, sampler: SamplerConfig) -> tuple:
+        """The DDIM table and the step function (None: the sequential reference loop runs instead), built once per
+        (steps, overlap, guidance), and compiled when the backend offers compile_step (runtime/compiled.py)."""
+        key = (sampler.steps, sampler.overlap, sampler.guidance)
+        if key not in self._steps:
+            table = DDIMTable.build(self.model.config.scheduler, sampler.steps, self.runtime.device)
+            compile_step = getattr(self.denoise, "compile_step", None)
+            build = lambda denoise: make_step(denoise, table, sampler)  # noqa: E731
+            step = compile_step(build) if compile_step else build(self.denoise) if self.runtime.inflight > 1 else None
+            self._steps[key] = (table, step)
+        return self._steps[key]

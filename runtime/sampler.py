@@ -85,8 +85,13 @@ def _start_latents(state: ClipState, cfg: SamplerConfig, noise: NoiseSource) -> 
 
 
 def guided_output(denoise: Denoise, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, w: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): u + w (c - u), CFG batched as [uncond, cond]."""
-    out = denoise(torch.cat([x, x]), t.expand(2 * x.shape[0]), context)  # [2B, C, N, h, w]
+    """Classifier-free guidance (Ho & Salimans 2022): u + w (c - u), CFG batched as [uncond, cond].
+
+    t is [] (one step for the batch) or [B] (each clip at its own step); context is [2B, L, D] ordered
+    [uncond x B, cond x B], matching the [x, x] batch.
+    """
+    t = t.expand(x.shape[0])  # [B]
+    out = denoise(torch.cat([x, x]), torch.cat([t, t]), context)  # [2B, C, N, h, w]
     u, c = out.chunk(2)  # each [B, C, N, h, w]
     return u + w * (c - u)  # [B, C, N, h, w]
 
@@ -119,3 +124,26 @@ def sample_clip(
             callback({"clip": state.clips_done, "step": i, "latents": x})
     state.clips_done += 1
     return x
+
+
+# The whole-step seam: (x [B, C, N, h, w], step_index [B] int64, prev_head [B, C, M, h, w], mask_row [B, M] bool,
+# context [2B, L, D]) -> (x_next [B, C, N, h, w], head [B, C, M, h, w]). A backend may compile it as it is.
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_step(denoise: Denoise, table: DDIMTable, cfg: SamplerConfig) -> Step:
+    """One denoising step of B clips, each at its own step: DSG overwrite, CFG, UNet, guidance, DDIM (Eq. 8, 12).
+
+    Pure tensor maths over device tensors (no host sync, no Python branch on values), so one compiled graph serves
+    every step and every clip. `mask_row` is all False for a clip that has no predecessor. The caller stores
+    `head` (the post-DSG latents' reversed last M frames) where the next clip will read it at the same step.
+    """
+
+    def step(x, step_index, prev_head, mask_row, context):
+        x = dsg_overwrite(x, prev_head, mask_row)  # [B, C, N, h, w], Eq. 8
+        head = reversed_head(x, cfg.overlap)  # [B, C, M, h, w]
+        t = table.timesteps.index_select(0, step_index)  # [B]
+        out = guided_output(denoise, x, t, context, cfg.guidance)  # [B, C, N, h, w]
+        return ddim_step(table, x, out, step_index), head  # [B, C, N, h, w], [B, C, M, h, w]
+
+    return step

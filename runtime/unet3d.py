@@ -44,7 +44,8 @@ class ResnetBlock3D(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x, frames)))  # (BF, Cout, H, W)
         t = self.time_emb_proj(F.silu(temb))  # (B, Cout): one timestep per clip
-        h = h + t.repeat_interleave(frames, dim=0)[:, :, None, None]  # (BF, Cout, H, W)
+        t = t[:, None, :].expand(-1, frames, -1).reshape(-1, t.shape[-1])  # (BF, Cout): same for every frame
+        h = h + t[:, :, None, None]  # (BF, Cout, H, W)
         h = self.conv2(self.dropout(F.silu(self.norm2(h, frames))))  # (BF, Cout, H, W)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h

@@ -93,3 +93,35 @@ def unet_inputs():
 
 def fresh_tiny(seed: int = 0):
     return random_model(model_preset("tiny"), torch.float32, "cpu", seed).eval_()
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny():
+    """The tiny model's whole denoising step, torch.compile'd (fullgraph) once per session: 1-2 minutes on a CPU.
+
+    A pipeline with --backend compiled and 2 lanes; `inputs(seed)` draws one tick's step inputs at the lane shape
+    the pipeline's wavefront uses, so tests that run its videos reuse the compiled graph instead of recompiling.
+    """
+    from types import SimpleNamespace
+
+    from vidrd_rt.runtime.config import RuntimeConfig, SamplerConfig
+    from vidrd_rt.runtime.pipeline import VideoPipeline
+    from vidrd_rt.runtime.sampler import make_step
+
+    model = fresh_tiny()
+    pipeline = VideoPipeline(model, RuntimeConfig(backend="compiled", inflight=2))
+    sampler = SamplerConfig(clips=3, frames=4, overlap=2, alpha=2.0, beta=0.6, steps=4, guidance=7.5, seed=3)
+    table, step = pipeline.step_for(sampler)
+    context = torch.randn(2, 77, model.config.unet.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+
+    def inputs(seed: int) -> tuple:
+        g = torch.Generator().manual_seed(seed)
+        x, head = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 4, 2, 8, 8, generator=g)
+        index = torch.randint(0, sampler.steps, (2,), generator=g)
+        mask = torch.rand(2, 2, generator=g) < 0.5
+        return x, index, head, mask, context.repeat_interleave(2, dim=0)
+
+    with torch.inference_mode():  # as the wavefront calls it; the first call compiles
+        step(*inputs(0))
+    return SimpleNamespace(model=model, pipeline=pipeline, sampler=sampler, table=table, step=step, context=context,
+                           eager_step=make_step(pipeline.denoise, table, sampler), inputs=inputs)
