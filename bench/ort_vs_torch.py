@@ -128,15 +128,16 @@ def check_cost(model, path: Path, results: Results) -> None:
 
 
 def ort_denoiser(path: Path, spec, results: Results, key: str, device: torch.device):
-    """The backend's OrtDenoiser on this file; session start and first call (cuDNN algorithm search) timed."""
-    from vidrd_rt.runtime.backend_ort import OrtDenoiser, OrtNetwork
+    """The backend's denoiser (EngineDenoiser over OrtNetwork) on this file; session start and first call (cuDNN algorithm search) timed."""
+    from vidrd_rt.runtime.backend_ort import OrtNetwork
+    from vidrd_rt.runtime.backends import EngineDenoiser
 
     cuda = device.type == "cuda"
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0
     start = time.perf_counter()
     network = OrtNetwork(path, spec, device)
     created = time.perf_counter() - start
-    denoise = OrtDenoiser(network)
+    denoise = EngineDenoiser(network)
     start = time.perf_counter()
     denoise(*fresh_inputs(spec, 99, device))
     if cuda:

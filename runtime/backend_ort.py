@@ -17,6 +17,7 @@ import torch
 
 from ..export.build import open_engines
 from ..export.specs import ExportSpec
+from .backends import EngineDecoder, EngineDenoiser
 from .config import RuntimeConfig
 from .errors import UserError
 from .model import VidRDModel
@@ -30,27 +31,7 @@ def make_ort_backends(model: VidRDModel, runtime: RuntimeConfig):
     device = torch.device(runtime.device)
     unet = OrtNetwork(folder / "unet.onnx", specs["unet"], device)
     decoder = OrtNetwork(folder / "decoder.onnx", specs["decoder"], device)
-    return OrtDenoiser(unet), OrtDecoder(decoder)
-
-
-class OrtDenoiser:
-    """The backend contract's denoiser: (sample, timestep, context) -> noise prediction in the sample's dtype."""
-
-    def __init__(self, unet: "OrtNetwork"):
-        self.unet = unet
-
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, context).to(sample.dtype, copy=True)  # the buffer is reused next call
-
-
-class OrtDecoder:
-    """The backend contract's decoder: latents -> frames in [0, 1], float32."""
-
-    def __init__(self, decoder: "OrtNetwork"):
-        self.decoder = decoder
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents).clone()
+    return EngineDenoiser(unet), EngineDecoder(decoder)
 
 
 class OrtNetwork:

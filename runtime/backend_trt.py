@@ -10,6 +10,7 @@ import torch
 from ..export.build import open_engines
 from ..export.specs import ExportSpec
 from ..export.trt import Engine, import_tensorrt
+from .backends import EngineDecoder, EngineDenoiser
 from .config import RuntimeConfig
 from .errors import UserError
 from .model import VidRDModel
@@ -23,23 +24,7 @@ def make_trt_backends(model: VidRDModel, runtime: RuntimeConfig):
     import_tensorrt()
     unet = TrtNetwork(Engine(folder / "unet.plan"), specs["unet"])
     decoder = TrtNetwork(Engine(folder / "decoder.plan"), specs["decoder"])
-    return TrtDenoiser(unet), TrtDecoder(decoder)
-
-
-class TrtDenoiser:
-    def __init__(self, unet: "TrtNetwork"):
-        self.unet = unet
-
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, context).to(sample.dtype, copy=True)  # the buffer is reused next call
-
-
-class TrtDecoder:
-    def __init__(self, decoder: "TrtNetwork"):
-        self.decoder = decoder
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents).clone()
+    return EngineDenoiser(unet), EngineDecoder(decoder)
 
 
 class TrtNetwork:

@@ -57,6 +57,27 @@ class TorchDecoder:
         return self.decoder(latents.to(self.dtype))
 
 
+class EngineDenoiser:
+    """An exported UNet (ONNX Runtime, TensorRT) behind the denoiser contract; its output buffer is reused, so
+    each call hands back a copy in the sample's dtype."""
+
+    def __init__(self, unet: Callable[..., torch.Tensor]):
+        self.unet = unet
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, context).to(sample.dtype, copy=True)
+
+
+class EngineDecoder:
+    """An exported decoder behind the decoder contract (a copy of its reused output buffer)."""
+
+    def __init__(self, decoder: Callable[[torch.Tensor], torch.Tensor]):
+        self.decoder = decoder
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents).clone()
+
+
 def make_backends(model: VidRDModel, runtime: RuntimeConfig) -> tuple[Denoiser, Decoder]:
     """The denoiser and decoder for `runtime.backend` (each backend module is imported only when chosen)."""
     if runtime.backend == "torch":
