@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from vidrd_rt import cli
 from vidrd_rt.runtime.config import model_preset
+from vidrd_rt.runtime.generate import Interrupted
 from vidrd_rt.runtime.text_encoder import BUNDLED_TOKENIZER
 from vidrd_rt.runtime.weights import ModelSource, load_model, random_model
 
@@ -125,3 +129,34 @@ def compiled_tiny():
         step(*inputs(0))
     return SimpleNamespace(model=model, pipeline=pipeline, sampler=sampler, table=table, step=step, context=context,
                            eager_step=make_step(pipeline.denoise, table, sampler), inputs=inputs)
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """Call the console entry point in-process, as `vidrd-rt ARGS` would; (exit code, stdout, stderr)."""
+    old, sys.argv = sys.argv, ["vidrd-rt", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class StopAfter:
+    """An on_clip hook that interrupts a generate run once `clips` clips are done, as a signal would."""
+
+    def __init__(self, clips):
+        self.clips = clips
+
+    def __call__(self, clip):
+        if clip.index + 1 == self.clips:
+            raise Interrupted(2)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-from vidrd_rt import cli
 from vidrd_rt.export.build import build_engines
 from vidrd_rt.export.specs import EngineShapes
 
@@ -29,17 +27,3 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    """The console entry point in-process, as `vidrd-rt ARGS` would run."""
-    old, sys.argv = sys.argv, ["vidrd-rt", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err

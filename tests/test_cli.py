@@ -14,25 +14,10 @@ import av
 import numpy as np
 import pytest
 
-from vidrd_rt import cli
+from conftest import run_cli
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 TINY = ["--model", "tiny", "--random-weights"]
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    """Call the console entry point in-process, as `vidrd-rt ARGS` would."""
-    old = sys.argv
-    sys.argv = ["vidrd-rt", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_inspect_counts(capsys):

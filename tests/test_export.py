@@ -10,7 +10,8 @@ import onnx
 import pytest
 import torch
 
-from engine_fixtures import CPU, SHAPES, rel, run_cli, tiny_ort_engines
+from conftest import run_cli
+from engine_fixtures import CPU, SHAPES, rel, tiny_ort_engines
 from vidrd_rt.export.build import network_module
 from vidrd_rt.export.onnx import check_onnx, export_onnx
 from vidrd_rt.export.specs import EngineShapes, specs_for

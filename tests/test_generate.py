@@ -8,6 +8,7 @@ import os
 import av
 import numpy as np
 import pytest
+from conftest import StopAfter, rss_mb
 
 from vidrd_rt.runtime.config import RuntimeConfig, SamplerConfig
 from vidrd_rt.runtime.generate import GenerateRequest, Interrupted, generate
@@ -75,13 +76,7 @@ def test_npy_output_matches_pipeline_frames(tmp_path, tiny_model):
     assert video.dtype == np.uint8 and np.array_equal(video, expected)
 
 
-class _StopAfter:
-    def __init__(self, clips):
-        self.clips = clips
 
-    def __call__(self, clip):
-        if clip.index + 1 == self.clips:
-            raise Interrupted(2)
 
 
 @pytest.mark.parametrize("suffix", ["mp4", "npy"])
@@ -90,7 +85,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, suffix):
     whole = generate(_request(tmp_path / f"whole.{suffix}", sampler=sampler))
     out = tmp_path / f"cut.{suffix}"
     with pytest.raises(Interrupted):
-        generate(_request(out, sampler=sampler), on_clip=_StopAfter(2))
+        generate(_request(out, sampler=sampler), on_clip=StopAfter(2))
     assert os.path.isfile(out)  # the interrupted output is already a valid, complete file of 2 clips
     partial = np.load(out) if suffix == "npy" else None
     assert partial is None or len(partial) == 12
@@ -102,7 +97,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, suffix):
 def test_resume_refuses_a_different_run(tmp_path):
     out = tmp_path / "v.npy"
     with pytest.raises(Interrupted):
-        generate(_request(out), on_clip=_StopAfter(1))
+        generate(_request(out), on_clip=StopAfter(1))
     from vidrd_rt.runtime.errors import UserError
 
     with pytest.raises(UserError, match="different run"):
@@ -111,16 +106,14 @@ def test_resume_refuses_a_different_run(tmp_path):
         generate(_request(tmp_path / "other.npy", resume=True))
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
 
 
 def test_memory_flat_from_3_to_200_clips(tmp_path):
     """Host memory after clip 200 is what it was after the first few: nothing grows with the clip count."""
     rss = []
     sampler = SamplerConfig(clips=200, frames=4, overlap=2, steps=1, seed=1)
-    generate(_request(tmp_path / "long.npy", sampler=sampler), on_clip=lambda clip: rss.append(_rss_mb()))
+    generate(_request(tmp_path / "long.npy", sampler=sampler), on_clip=lambda clip: rss.append(rss_mb()))
     early, late = max(rss[2:20]), max(rss[150:])
     assert late - early < 16, f"RSS grew from {early:.1f} MB to {late:.1f} MB"
     assert np.load(tmp_path / "long.npy", mmap_mode="r").shape == (800, 64, 64, 3)

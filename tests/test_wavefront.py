@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import fresh_tiny
+from conftest import StopAfter, fresh_tiny, rss_mb
 
 from vidrd_rt.runtime.backends import TorchDenoiser
 from vidrd_rt.runtime.config import RuntimeConfig, SamplerConfig
@@ -161,20 +160,14 @@ def _request(out, inflight=2, **changes) -> GenerateRequest:
     return dataclasses.replace(base, **changes)
 
 
-class _StopAfter:
-    def __init__(self, clips):
-        self.clips = clips
 
-    def __call__(self, clip):
-        if clip.index + 1 == self.clips:
-            raise Interrupted(2)
 
 
 def test_generate_resume_with_two_lanes_is_byte_identical(tmp_path):
     whole = generate(_request(tmp_path / "whole.npy"))
     out = tmp_path / "cut.npy"
     with pytest.raises(Interrupted):
-        generate(_request(out), on_clip=_StopAfter(2))
+        generate(_request(out), on_clip=StopAfter(2))
     assert len(np.load(out)) == 8  # exactly the 2 clips finished, though the lanes had run ahead
     generate(_request(out, resume=True))
     assert (tmp_path / "whole.npy").read_bytes() == out.read_bytes() and whole["frames"] == 20
@@ -185,22 +178,20 @@ def test_generate_resume_with_two_lanes_is_byte_identical(tmp_path):
 def test_resume_with_another_lane_count_is_refused(tmp_path):
     out = tmp_path / "v.npy"
     with pytest.raises(Interrupted):
-        generate(_request(out), on_clip=_StopAfter(1))
+        generate(_request(out), on_clip=StopAfter(1))
     from vidrd_rt.runtime.errors import UserError
 
     with pytest.raises(UserError, match="different run"):
         generate(_request(out, inflight=3, resume=True))
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
 
 
 def test_memory_flat_over_clips_with_three_lanes(tmp_path):
     rss = []
     sampler = SamplerConfig(clips=90, frames=4, overlap=2, steps=3, seed=1)
-    generate(_request(tmp_path / "long.npy", inflight=3, sampler=sampler), on_clip=lambda clip: rss.append(_rss_mb()))
+    generate(_request(tmp_path / "long.npy", inflight=3, sampler=sampler), on_clip=lambda clip: rss.append(rss_mb()))
     early, late = max(rss[3:20]), max(rss[70:])
     assert late - early < 12, f"RSS grew from {early:.1f} MB to {late:.1f} MB"
     assert np.load(tmp_path / "long.npy", mmap_mode="r").shape == (360, 64, 64, 3)
