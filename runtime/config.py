@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -179,6 +180,26 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         height=64,
         width=64,
     ),
+    # The shipped default model's architecture (runtime/assets/default_model, trained by training/train.py on
+    # synthetic scenes): 64x64 video, 8x8 latents, a word-level tokenizer. Small enough for a 2-core CPU.
+    "shapes": ModelConfig(
+        name="shapes",
+        unet=UNetConfig(
+            block_out_channels=(64, 96, 128),
+            attention_heads=(2, 3, 4),
+            cross_attention_dim=128,
+            layers_per_block=1,
+            temporal_conv_layers=2,
+            sample_size=8,
+        ),
+        vae=VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, temporal_conv_layers=1),
+        text_encoder=TextEncoderConfig(
+            vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=128, bos_token_id=665, eos_token_id=666, pad_token_id=666,
+        ),
+        height=64,
+        width=64,
+    ),
 }
 
 
@@ -213,7 +234,7 @@ class SamplerConfig:
             (self.clips >= 1, f"--clips must be at least 1 (got {self.clips})"),
             (self.frames >= 2, f"--frames must be at least 2 (got {self.frames})"),
             (0 <= self.overlap <= self.frames, f"--overlap must be in [0, --frames={self.frames}] (got {self.overlap})"),
-            (self.alpha >= 0, f"--alpha must be >= 0 (got {self.alpha})"),
+            (0 <= self.alpha < math.inf, f"--alpha must be a finite number >= 0 (got {self.alpha})"),
             (0.0 <= self.beta <= 1.0, f"--beta must be in [0, 1] (got {self.beta})"),
             (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
             (self.noise_prior >= 0, f"--noise-prior must be >= 0 (got {self.noise_prior})"),

@@ -67,6 +67,11 @@ def _diffusers_scheduler(cfg: SchedulerConfig):
     )
 
 
+def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """alpha_bar for every training timestep [num_train_timesteps], float32 (what training noises with)."""
+    return _diffusers_scheduler(cfg).alphas_cumprod.float()
+
+
 def _alpha_bars(scheduler, timesteps: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_bar at each timestep and at its predecessor, with diffusers' rule for the step past t = 0."""
     alphas_cumprod = scheduler.alphas_cumprod.float()  # [1000]

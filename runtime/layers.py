@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 #################################################################################
 #                         Layout helpers (views, no maths)                       #
 #################################################################################
@@ -82,6 +84,8 @@ class TemporalConv(nn.Module):
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         if frames == 1:  # a single image: the temporal layers are inactive (authors' rule)
             return x
+        if use_triton_temporal_conv(x) and not self.training and len(self.convs) > 0:
+            return self._forward_triton(x, frames)
         bf, c, h, w = x.shape
         clip = x.permute(0, 2, 3, 1).reshape(bf // frames, frames, h * w, c).permute(0, 3, 1, 2)  # (B, C, F, HW)
         y = clip
@@ -91,6 +95,38 @@ class TemporalConv(nn.Module):
             y = F.conv2d(y, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))  # (B, C, F, HW)
         y = clip + y
         return y.permute(0, 2, 3, 1).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W)
+
+    def _forward_triton(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """Same maths in kernels/temporal_conv.py: per layer one GEMM (K = 3C) with GroupNorm + SiLU fused into its
+        operand load, the residual into the last layer's epilogue. Imported here, not at module level: the
+        runtime must import without triton."""
+        from ..kernels.temporal_conv import module_layers, temporal_conv_block
+
+        return temporal_conv_block(x, frames, module_layers(self))
+
+
+def _exporting() -> bool:
+    """torch.onnx (TorchScript tracer) or torch.export is tracing: engines must see the reference ops."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+# Devices whose tensors may go to the Triton kernels (tests add "cpu" to run them under TRITON_INTERPRET=1).
+KERNEL_DEVICES = ("cuda",)
+# Pixels per frame from which the kernel beats GroupNorm + SiLU + cuDNN (H100, fp16, 2 clips x 16 frames,
+# bench/results/kernel-bench-h100-2026-11-21.json): 2.2x at 32x32, 1.3x at 16x16, but 0.6x at 8x8 and 0.5x at
+# 4x4, where the few GEMM rows leave most of the GPU idle (no split-K).
+KERNEL_MIN_POSITIONS = 256
+
+
+def use_triton_temporal_conv(x: torch.Tensor) -> bool:
+    """Whether Temp-Conv runs the Triton kernels: switched on (kernels.enabled()), triton installed, inference (no
+    autograd through the kernels) on a CUDA tensor in fp16/bf16/fp32 laid out channels_last, large enough frames
+    to gain (KERNEL_MIN_POSITIONS), and not exporting."""
+    return (kernels.enabled() and kernels.triton_available() and x.device.type in KERNEL_DEVICES
+            and not torch.is_grad_enabled()
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.shape[-2] * x.shape[-1] >= KERNEL_MIN_POSITIONS
+            and x.is_contiguous(memory_format=torch.channels_last) and not _exporting())
 
 
 #################################################################################

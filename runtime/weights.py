@@ -23,6 +23,8 @@ from .text_encoder import BUNDLED_TOKENIZER, load_tokenizer
 
 FORMAT = "vidrd-rt/1"
 CONFIG_FILE = "vidrd.json"
+# The small model trained here on synthetic scenes (training/), used when no model is given.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
 
 
 class WeightsError(UserError, ValueError):
@@ -52,8 +54,9 @@ class ModelSource:
             return "preset"
         if self.model:
             return "converted"
-        raise WeightsError("no model given: pass --model tiny|vidrd-base --random-weights, --model DIR, "
-                           "or --ckpt ModelT2V.pth --sd <folder> --vae <folder>")
+        if self.random_weights:
+            raise WeightsError(f"--random-weights needs an architecture: add --model {'|'.join(MODEL_PRESETS)}")
+        return "default"
 
 
 #################################################################################
@@ -185,6 +188,11 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
         model = random_model(model_preset(name), dtype, device, source.weights_seed)
     elif kind == "converted":
         model = load_converted(Path(source.model), dtype, device)
+    elif kind == "default":
+        if not (DEFAULT_MODEL / CONFIG_FILE).is_file():
+            raise WeightsError(f"the default model is missing from this installation ({DEFAULT_MODEL}); reinstall "
+                               f"vidrd-rt or pass --model DIR")
+        model = load_converted(DEFAULT_MODEL, dtype, device)
     else:
         model = load_authors(Path(source.ckpt), Path(source.sd_dir), source.vae_dir and Path(source.vae_dir), dtype,
                              device)
@@ -233,8 +241,9 @@ def load_converted(folder: Path, dtype: torch.dtype, device: str) -> VidRDModel:
     return model
 
 
-def save_converted(model: VidRDModel, folder: Path) -> None:
-    """Write our format atomically: a sibling temp folder renamed into place when complete."""
+def save_converted(model: VidRDModel, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write our format atomically: a sibling temp folder renamed into place when complete. `dtype` casts the
+    floating-point tensors (fp16 halves the files; loading casts to the run's dtype anyway)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -246,7 +255,7 @@ def save_converted(model: VidRDModel, folder: Path) -> None:
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "config": model.config.to_dict()}, indent=1))
         for network, module in model.networks().items():
-            state = {model.to_authors(network, k): v.detach().contiguous().cpu()
+            state = {model.to_authors(network, k): _cast(v.detach(), dtype).contiguous().cpu()
                      for k, v in module.state_dict().items() if not k.endswith("position_ids")}
             save_file(state, str(tmp / f"{network}.safetensors"))
         # Copy the tokenizer's own files (vocab.json + merges.txt): any transformers version reads those.
@@ -255,6 +264,10 @@ def save_converted(model: VidRDModel, folder: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 #################################################################################

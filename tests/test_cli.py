@@ -46,7 +46,8 @@ GENERATE = ["generate", "--prompt", "a red circle", *TINY, "--steps", "1", "--fr
     (["--clips", "0"], "--clips must be at least 1"),
     (["--frames", "1"], "--frames must be at least 2"),
     (["--overlap", "9"], "--overlap must be in [0, --frames=4]"),
-    (["--alpha", "-1"], "--alpha must be >= 0"),
+    (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--alpha", "-1"], "--alpha must be a finite number >= 0"),
     (["--beta", "1.5"], "--beta must be in [0, 1]"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--height", "100"], "--height 100 does not fit this model"),
@@ -78,9 +79,10 @@ def test_generate_rejects_bad_paths_and_models(tmp_path, capsys, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_no_model_given(tmp_path, capsys):
-    code, _, err = run_cli(["generate", "--prompt", "x", "--out", str(tmp_path / "v.mp4")], capsys)
-    assert code == 2 and "no model given" in err
+def test_random_weights_without_architecture(tmp_path, capsys):
+    code, _, err = run_cli(["generate", "--random-weights", "--out", str(tmp_path / "v.mp4")], capsys)
+    assert code == 2 and "--random-weights needs an architecture" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_long_prompt_is_truncated_with_a_warning(tmp_path, capsys, caplog):

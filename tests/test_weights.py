@@ -158,7 +158,7 @@ def test_converted_folder_errors(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("source, message", [
-    (ModelSource(), "no model given"),
+    (ModelSource(random_weights=True), "needs an architecture"),
     (ModelSource(model="tiny"), "add --random-weights"),
     (ModelSource(ckpt="x.pth"), "needs --ckpt ModelT2V.pth and --sd"),
 ])

@@ -1,0 +1,1 @@
+"""Training the small default model on synthetic scenes (data generator, tokenizer, training loop)."""

@@ -1,0 +1,306 @@
+"""Train the default model from scratch on synthetic scenes: first the temporal VAE, then UNet + text encoder.
+
+    python -m vidrd_rt.training.train --out runs/shapes --device cuda --vae-minutes 1.5 --unet-minutes 6.5
+
+Data is drawn on the fly by training/scenes.py on the training device; nothing is downloaded. The model folder
+written at the end (and every few minutes, so a cut-off run still leaves weights) is our converted format: it
+loads with `--model DIR`, and becomes the shipped default when copied to runtime/assets/default_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.config import model_preset
+from ..runtime.layers import TemporalConv
+from ..runtime.ddim import alphas_cumprod
+from ..runtime.model import VidRDModel
+from ..runtime.text_encoder import load_tokenizer, tokenize
+from ..runtime.weights import load_converted, save_converted
+from .scenes import SceneConfig, sample_batch
+from .tokenizer import build_tokenizer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    device: str = "cuda"
+    seed: int = 0
+    vae_minutes: float = 1.5
+    unet_minutes: float = 6.5
+    vae_batch: int = 32  # clips per VAE step
+    vae_frames: int = 6  # frames of each clip the VAE sees (enough for its (3,1,1) Temp-Convs; more clips instead)
+    unet_batch: int = 96  # clips of 16 frames per diffusion step
+    vae_lr: float = 1e-3
+    unet_lr: float = 4e-4
+    kl_weight: float = 1e-5  # small: a near-deterministic autoencoder, as SD's VAE
+    uncond_prob: float = 0.1  # caption dropped this often, for classifier-free guidance
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
+    ema_decay: float = 0.998
+    save_every_minutes: float = 2.0
+    max_steps: int = 0  # stop each stage after this many steps too (0: time only; for smoke tests)
+    init: str = ""  # continue from this model folder (its VAE is kept: pass --vae-minutes 0)
+    object_weight: float = 10.0  # extra diffusion-loss weight where the object is (see object_weights)
+
+
+#################################################################################
+#                                   Setup                                        #
+#################################################################################
+
+
+def build_model(cfg: TrainConfig, tokenizer_dir: Path) -> VidRDModel:
+    """The `shapes` architecture with the token ids of the freshly built tokenizer, randomly initialised."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    preset = model_preset("shapes")
+    text = dataclasses.replace(preset.text_encoder, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if len(tokenizer) > text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the shapes text encoder {text.vocab_size}")
+    config = dataclasses.replace(preset, name="shapes-default", text_encoder=text)
+    torch.manual_seed(cfg.seed)
+    model = VidRDModel.build(config, device=cfg.device)
+    model.tokenizer = tokenizer
+    zero_last_temporal_convs(model)
+    return model
+
+
+@torch.no_grad()
+def zero_last_temporal_convs(model: VidRDModel) -> None:
+    """Each Temp-Conv block starts as the identity (its last conv zeroed), as the authors initialise it: the
+    residual stream begins as a per-frame network and learns to look across frames."""
+    for network in (model.unet, model.vae):
+        for module in network.modules():
+            if isinstance(module, TemporalConv):
+                module.convs[-1].weight.zero_()
+                module.convs[-1].bias.zero_()
+
+
+def scenes_for(model: VidRDModel) -> SceneConfig:
+    return SceneConfig(size=model.config.height, frames=16)
+
+
+class Clock:
+    """Wall-clock budget of one stage, and a log line now and then."""
+
+    def __init__(self, minutes: float, max_steps: int, name: str):
+        self.start, self.budget, self.max_steps, self.name = time.time(), minutes * 60, max_steps, name
+        self.step = 0
+
+    def running(self) -> bool:
+        return time.time() - self.start < self.budget and not (self.max_steps and self.step >= self.max_steps)
+
+    def tick(self, loss: float) -> None:
+        self.step += 1
+        if self.step in (1, 10, 50, 100) or self.step % 250 == 0:
+            print(f"{self.name} step {self.step:5d}  {time.time() - self.start:6.1f}s  loss {loss:.4f}", flush=True)
+
+
+#################################################################################
+#                                 Stage 1: VAE                                   #
+#################################################################################
+
+
+def object_weights(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights (BF, 1, H, W): saturated pixels (the objects, ~2% of the image) count ~25x, so the
+    small VAE spends its capacity on colour and shape before background texture."""
+    saturation = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2  # x in [-1, 1]
+    return 1 + 30 * saturation
+
+
+def vae_loss(vae, video: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """Object-weighted reconstruction (L1 + L2) of clips through the temporal decoder, plus a small KL term."""
+    b, _, frames, h, w = video.shape
+    x = video.transpose(1, 2).reshape(b * frames, 3, h, w) * 2 - 1  # (BF, 3, H, W) in [-1, 1]
+    mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)  # (BF, 4, h/8, w/8) each
+    logvar = logvar.clamp(-30, 20)
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+    z = z.reshape(b, frames, *z.shape[1:]).transpose(1, 2)  # (B, 4, F, h/8, w/8)
+    recon = vae.decode(z).transpose(1, 2).reshape_as(x)  # (BF, 3, H, W)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    weight = object_weights(x)
+    err = (recon.float() - x).abs()
+    return ((err + err * err) * weight).mean() / weight.mean() + kl_weight * kl
+
+
+def train_vae(model: VidRDModel, cfg: TrainConfig, generator: torch.Generator) -> float:
+    """Train the VAE; returns the latent scaling factor (1 / std of the posterior means), as SD defines it."""
+    vae = model.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    clock, scenes = Clock(cfg.vae_minutes, cfg.max_steps, "vae"), scenes_for(model)
+    while clock.running():
+        video, _ = sample_batch(scenes, cfg.vae_batch, generator, cfg.device)
+        video = video[:, :, : cfg.vae_frames]
+        with torch.autocast(device_type=_device_type(cfg), dtype=torch.bfloat16, enabled=_cuda(cfg)):
+            loss = vae_loss(vae, video, cfg.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        clock.tick(loss.item())
+    vae.eval().requires_grad_(False)
+    return latent_scale(model, scenes, generator, cfg.device)
+
+
+@torch.no_grad()
+def latent_scale(model: VidRDModel, scenes: SceneConfig, generator, device) -> float:
+    video, _ = sample_batch(scenes, 32, generator, device)
+    return 1.0 / float(encode_latents(model, video, 1.0).std())
+
+
+def encode_latents(model: VidRDModel, video: torch.Tensor, scale: float) -> torch.Tensor:
+    """Clips (B, 3, F, H, W) in [0, 1] -> scaled latents (B, 4, F, h, w)."""
+    b, _, frames, h, w = video.shape
+    x = video.transpose(1, 2).reshape(b * frames, 3, h, w) * 2 - 1
+    z = model.vae.encode_mean(x.float()) * scale  # (BF, 4, h, w)
+    return z.reshape(b, frames, *z.shape[1:]).transpose(1, 2)
+
+
+#################################################################################
+#                          Stage 2: UNet + text encoder                          #
+#################################################################################
+
+
+def latent_object_weights(video: torch.Tensor, size: int, extra: float) -> torch.Tensor:
+    """(B, 1, F, h, w) weights: 1 + extra where the object covers a latent cell. The object is ~2% of the
+    pixels; unweighted, the loss is mostly background and the model learns appearance long before motion."""
+    b, _, frames, h, w = video.shape
+    saturation = video.amax(dim=1) - video.amin(dim=1)  # (B, F, H, W) in [0, 1]
+    cells = F.adaptive_max_pool2d(saturation.reshape(b * frames, 1, h, w), size)  # (BF, 1, h', w')
+    return 1 + extra * cells.reshape(b, frames, 1, size, size).transpose(1, 2)
+
+
+def diffusion_loss(model, latents, ids, alphas: torch.Tensor, gamma: float, generator,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon prediction at a random training timestep per clip, Min-SNR weighted (and per cell, if given)."""
+    b = latents.shape[0]
+    t = torch.randint(0, alphas.numel(), (b,), device=latents.device, generator=generator)
+    noise = torch.randn(latents.shape, device=latents.device, generator=generator)
+    a = alphas[t].view(b, 1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    pred = model.unet(noisy, t, model.text_encoder(ids))
+    snr = alphas[t] / (1 - alphas[t])
+    weight = snr.clamp(max=gamma) / snr  # Min-SNR-gamma for epsilon prediction
+    err = (pred.float() - noise).pow(2)
+    if weights is not None:
+        err = err * weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
+    per_clip = err.mean(dim=(1, 2, 3, 4))
+    return (weight * per_clip).mean()
+
+
+def drop_captions(captions: list[str], prob: float, generator) -> list[str]:
+    keep = torch.rand(len(captions), generator=generator, device=generator.device) >= prob
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, save) -> dict:
+    """UNet and text encoder trained together from scratch; EMA weights are what gets saved."""
+    nets = torch.nn.ModuleDict({"unet": model.unet.train(), "text_encoder": model.text_encoder.train()})
+    ema = copy.deepcopy(nets).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(nets.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    warmup = lambda step: min(1.0, (step + 1) / 200)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    alphas = alphas_cumprod(model.config.scheduler).to(cfg.device)
+    clock, scenes, last_save = Clock(cfg.unet_minutes, cfg.max_steps, "unet"), scenes_for(model), time.time()
+    while clock.running():
+        video, captions = sample_batch(scenes, cfg.unet_batch, generator, cfg.device)
+        ids = tokenize(model.tokenizer, drop_captions(captions, cfg.uncond_prob, generator)).to(cfg.device)
+        with torch.no_grad():
+            latents = encode_latents(model, video, scale)
+        with torch.autocast(device_type=_device_type(cfg), dtype=torch.bfloat16, enabled=_cuda(cfg)):
+            weights = latent_object_weights(video, latents.shape[-1], cfg.object_weight)
+            loss = diffusion_loss(model, latents, ids, alphas, cfg.min_snr_gamma, generator, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        update_ema(ema, nets, min(cfg.ema_decay, (1 + clock.step) / (10 + clock.step)))
+        clock.tick(loss.item())
+        if time.time() - last_save > cfg.save_every_minutes * 60:
+            save(ema, clock.step)
+            last_save = time.time()
+    return {"ema": ema, "steps": clock.step}
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in live.parameters()], 1 - decay)
+
+
+#################################################################################
+#                                   Saving                                       #
+#################################################################################
+
+
+def save_model(model: VidRDModel, ema: torch.nn.Module, scale: float, folder: Path, info: dict) -> None:
+    """Our model folder with the EMA weights in fp16 (half the size; loading casts to the run's dtype)."""
+    config = dataclasses.replace(model.config, vae=dataclasses.replace(model.config.vae, scaling_factor=scale))
+    snapshot = VidRDModel(config=config, unet=ema["unet"], vae=model.vae, text_encoder=ema["text_encoder"],
+                          tokenizer=model.tokenizer)
+    tmp = folder.with_name(folder.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_converted(snapshot, tmp, dtype=torch.float16)
+    (tmp / "training.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)  # replace the previous snapshot only once the new one is complete
+    os.replace(tmp, folder)
+    print(f"saved {folder} ({info.get('unet_steps', 0)} UNet steps)", flush=True)
+
+
+def _cuda(cfg: TrainConfig) -> bool:
+    return cfg.device.startswith("cuda")
+
+
+def _device_type(cfg: TrainConfig) -> str:
+    return "cuda" if _cuda(cfg) else "cpu"
+
+
+def train(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    if cfg.init:
+        model = load_converted(Path(cfg.init), torch.float32, cfg.device)
+    else:
+        model = build_model(cfg, build_tokenizer(out / "tokenizer"))
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    started = time.time()
+    scale = train_vae(model, cfg, generator) if cfg.vae_minutes > 0 else model.config.vae.scaling_factor
+    model.vae.eval().requires_grad_(False)
+    print(f"vae done: latent scale {scale:.4f}", flush=True)
+    info = lambda steps: {"train_config": dataclasses.asdict(cfg), "unet_steps": steps,  # noqa: E731
+                          "minutes": round((time.time() - started) / 60, 2), "latent_scale": scale,
+                          "device": torch.cuda.get_device_name() if _cuda(cfg) else "cpu",
+                          "torch": torch.__version__}
+    save = lambda ema, steps: save_model(model, ema, scale, out / "model", info(steps))  # noqa: E731
+    result = train_unet(model, cfg, scale, generator, save)
+    save(result["ema"], result["steps"])
+    return out / "model"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "out":
+            parser.add_argument(flag, required=True)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    print(f"model folder: {train(cfg)}")
+
+
+if __name__ == "__main__":
+    main()
