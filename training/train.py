@@ -13,7 +13,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
