@@ -24,6 +24,16 @@ SD21_SCHEDULER = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for short CPU runs: on a shared 2-core machine two threads spinning against other
+    processes made them 4-10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny model with every parameter drawn (seed 0), fp32 on the CPU."""

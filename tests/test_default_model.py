@@ -21,12 +21,8 @@ from conftest import run_cli
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # The shared 2-core CI machine: one thread is steadier for these short CPU runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs short CPU work (conftest.one_thread)."""
 
 
 #################################################################################
@@ -56,7 +52,7 @@ def test_generate_without_model_flags_makes_a_video(tmp_path, capsys):
 
 
 def test_default_model_draws_the_asked_colour():
-    """What training bought: red and blue prompts give red and blue objects (50 steps, CFG 10, one clip)."""
+    """What training bought: red and blue prompts give red and blue objects (20 steps, CFG 10, one clip)."""
     from vidrd_rt.runtime.config import RuntimeConfig, SamplerConfig
     from vidrd_rt.runtime.pipeline import VideoPipeline, encode_prompt
 

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from vidrd_rt.bench import eval_shapes as ev
 from vidrd_rt.runtime.config import ConfigError
@@ -187,16 +186,6 @@ def _numbers_ok(value) -> bool:
     if isinstance(value, list):
         return all(_numbers_ok(v) for v in value)
     return value is None or not isinstance(value, float) or math.isfinite(value)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the end-to-end run: on a shared 2-core machine two threads spinning against other
-    processes made it 4-10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bad_rows_fail_before_loading(tmp_path):

@@ -100,10 +100,12 @@ class Clock:
     def running(self) -> bool:
         return time.time() - self.start < self.budget and not (self.max_steps and self.step >= self.max_steps)
 
-    def tick(self, loss: float) -> None:
+    def tick(self, loss: torch.Tensor) -> None:
+        """Count a step; read the loss (a host sync) only on the steps that print it."""
         self.step += 1
         if self.step in (1, 10, 50, 100) or self.step % 250 == 0:
-            print(f"{self.name} step {self.step:5d}  {time.time() - self.start:6.1f}s  loss {loss:.4f}", flush=True)
+            print(f"{self.name} step {self.step:5d}  {time.time() - self.start:6.1f}s  loss {loss.item():.4f}",
+                  flush=True)
 
 
 #################################################################################
@@ -147,7 +149,7 @@ def train_vae(model: VidRDModel, cfg: TrainConfig, generator: torch.Generator) -
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        clock.tick(loss.item())
+        clock.tick(loss.detach())
     vae.eval().requires_grad_(False)
     return latent_scale(model, scenes, generator, cfg.device)
 
@@ -226,7 +228,7 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
         opt.step()
         sched.step()
         update_ema(ema, nets, min(cfg.ema_decay, (1 + clock.step) / (10 + clock.step)))
-        clock.tick(loss.item())
+        clock.tick(loss.detach())
         if time.time() - last_save > cfg.save_every_minutes * 60:
             save(ema, clock.step)
             last_save = time.time()
