@@ -244,9 +244,7 @@ def default_inflight(device: str, backend: str, clips: int) -> int:
 
 def main() -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
-    from .runtime.errors import UserError
-
-    from .runtime.generate import Interrupted
+    from .runtime.errors import Interrupted, UserError
 
     try:
         app(standalone_mode=False)

@@ -277,14 +277,14 @@ def ablation_configs(quick: bool = False) -> list[EvalConfig]:
         EvalConfig("fnr+pns+dsg"),
     ]
     if quick:
-        return ladder + [EvalConfig("fnr+pns+dsg,drop-overlap", drop_overlap=True)]
+        return ladder + [EvalConfig("fnr+pns+dsg/drop-overlap", drop_overlap=True)]
     return ladder + [
         EvalConfig("fnr+dsg", alpha=0.0),
         EvalConfig("pns-all-frames", overlap=0),  # M = 0, alpha 4: PNS over the whole clip, no FNR or DSG
         *(EvalConfig(f"alpha={a:g}", alpha=a) for a in (1.0, 16.0)),
         *(EvalConfig(f"beta={b:g}", beta=b) for b in (0.2, 0.6, 0.8)),
-        EvalConfig("fnr+pns+dsg,drop-overlap", drop_overlap=True),
-        EvalConfig("fnr+pns+dsg,per-frame-decoder", decoder="per-frame"),
+        EvalConfig("fnr+pns+dsg/drop-overlap", drop_overlap=True),
+        EvalConfig("fnr+pns+dsg/per-frame-decoder", decoder="per-frame"),
     ]
 
 
@@ -445,5 +445,7 @@ def write_results(doc: dict, out_json: str | Path, out_md: str | Path | None = N
     """JSON and markdown, each replaced atomically (a run cut short keeps its finished rows)."""
     out_json = Path(out_json)
     out_md = Path(out_md) if out_md else out_json.with_suffix(".md")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(str(out_json), (json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n").encode())
     atomic_write_bytes(str(out_md), markdown(doc).encode())

@@ -9,6 +9,10 @@ Sections (`--sections`, comma-separated; default all but block-compiled):
   block-compiled the block under torch.compile, off vs on (a compile per shape and setting)
   e2e-eager      the UNet forward, eager, kernels off vs on
   e2e-compiled   the UNet forward compiled as the runtime does it (runtime/compiled.py: Inductor, our CUDA graph)
+  forms-block-compiled  each Temp-Conv block compiled three ways: cuDNN (3,1) conv, one cuBLAS matmul over 3
+                 shifted frames (runtime/layers.py temporal_conv_as_gemm), the Triton kernel
+  forms-e2e-compiled    the compiled UNet step with the conv form vs the GEMM form, each with its 25 costliest
+                 kernels (torch.profiler, without our CUDA graph) and the by-category totals of bench/profile_step.py
 GPU times are medians of CUDA-event timings of CUDA-graph replays (no launch overhead, as in the compiled
 runtime). A markdown table per section; JSON to --out, rewritten after every section (a timeout keeps what ran).
 
@@ -33,7 +37,8 @@ import torch
 from vidrd_rt import kernels
 from vidrd_rt.runtime.config import model_preset
 
-SECTIONS = ("layer", "block", "block-compiled", "e2e-eager", "e2e-compiled")
+SECTIONS = ("layer", "block", "block-compiled", "e2e-eager", "e2e-compiled", "forms-block-compiled",
+            "forms-e2e-compiled")
 DEFAULT_SECTIONS = ("layer", "block", "e2e-eager", "e2e-compiled")
 QUICK_SECTIONS = ("layer", "block", "e2e-eager")
 T0 = time.time()
@@ -248,6 +253,90 @@ def bench_blocks(args, dtype, timing, compiled: bool) -> list[dict]:
     return rows
 
 
+@torch.inference_mode()
+def bench_forms_blocks(args, dtype, timing) -> list[dict]:
+    """Each block compiled with the conv form, the GEMM form and the Triton kernel: which wins under Inductor."""
+    import torch._dynamo
+
+    from vidrd_rt.runtime.layers import temporal_conv_form
+
+    rows = []
+    for c, side in layer_shapes(args):
+        x, block = make_input(args, c, side, dtype), make_block(args, c, dtype)
+        row: dict = {"channels": c, "side": side}
+        outs = {}
+        for name, form, triton in (("conv", "never", False), ("gemm", "compiled", False), ("triton", "never", True)):
+            if triton and not kernels_runnable(args.device):
+                continue
+            torch._dynamo.reset()  # a fresh trace under this form (the form is read while tracing)
+            fn = torch.compile(block, fullgraph=True, dynamic=False, mode=args.compile_mode)
+            with temporal_conv_form(form), kernels.use_kernels(triton):
+                outs[name] = fn(x, args.frames).clone()
+                row[f"{name}_ms"] = timing(fn, x, args.frames)
+        for name in outs:
+            if name != "conv":
+                row[f"{name}_rel_err"] = _diff(outs[name], outs["conv"])["rel_err"]
+        rows.append(row)
+        log(f"forms block compiled C={c} {side}x{side}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                                      if isinstance(v, float)))
+    return rows
+
+
+def bench_forms_e2e(args, unet, inputs, timing) -> dict:
+    """The UNet step compiled as the runtime does it, Temp-Conv as conv vs as GEMM; per variant its costliest
+    kernels. Each variant is profiled before the next one changes the process-wide form."""
+    import torch._dynamo
+
+    from vidrd_rt.runtime.compiled import CompiledStep, CompileSettings
+
+    row: dict = {}
+    outs = {}
+    for name, gemm in (("conv", False), ("gemm", True)):
+        log(f"compiling the UNet, Temp-Conv as {name} ...")
+        try:
+            torch._dynamo.reset()  # a fresh trace: the form is read while tracing
+            settings = CompileSettings(mode=args.compile_mode, temporal_conv_gemm=gemm)
+            step = CompiledStep(lambda s, t, c: unet(s, t, c), settings, args.device, [])
+            with kernels.disabled():
+                start = time.perf_counter()
+                outs[name] = step(*inputs).clone()
+                row[f"{name}_compile_s"] = time.perf_counter() - start
+                row[f"{name}_ms"] = timing(step, *inputs, inner=3, graph=False)
+                if args.device == "cuda":
+                    entry = next(iter(step.entries.values()))
+                    row[f"{name}_profile"] = top_kernels(lambda: step.compiled(*entry.inputs))
+        except Exception as e:  # noqa: BLE001 - reported in the result, the run goes on
+            row[f"{name}_error"] = _error(e)
+        log(f"UNet compiled, Temp-Conv as {name}: {row.get(f'{name}_ms', float('nan')):.4g} ms")
+    if len(outs) == 2:
+        row.update(_diff(outs["gemm"], outs["conv"]))
+    return row
+
+
+def top_kernels(fn: Callable, steps: int = 3, top: int = 25) -> dict:
+    """GPU time per call by kernel name (the `top` costliest) and by bench/profile_step.py's categories."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vidrd_rt.bench.profile_step import category
+
+    with torch.inference_mode():
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize()
+    events = [(e.key, e.device_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()
+              if e.device_time_total > 0]
+    events.sort(key=lambda e: -e[1])
+    by_category: dict[str, float] = {}
+    for key, ms, _ in events:
+        by_category[category(key)] = by_category.get(category(key), 0.0) + ms
+    return {"total_ms": sum(e[1] for e in events), "by_category_ms": by_category,
+            "top": [{"kernel": k[:160], "ms": ms, "calls": n, "category": category(k)} for k, ms, n in events[:top]]}
+
+
 def load_unet(args, dtype):
     from vidrd_rt.runtime.backends import prepare_for_device
     from vidrd_rt.runtime.config import RuntimeConfig
@@ -343,6 +432,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 LAYER_COLUMNS = ["channels", "side", "ref_ms", "ref_compiled_ms", "ref_conv_only_ms", "kernel_ms", "speedup",
                  "kernel_stats_ms", "kernel_gemm_ms", "gemm_tflops", "max_abs_diff", "rel_err"]
 BLOCK_COLUMNS = ["channels", "side", "ref_ms", "kernel_ms", "speedup", "max_abs_diff", "rel_err"]
+FORMS_BLOCK_COLUMNS = ["channels", "side", "conv_ms", "gemm_ms", "triton_ms", "gemm_rel_err", "triton_rel_err"]
+FORMS_E2E_COLUMNS = ["conv_ms", "gemm_ms", "max_abs_diff", "rel_err", "conv_compile_s", "gemm_compile_s"]
 E2E_COLUMNS = ["variant", "ref_ms", "kernel_ms", "speedup", "max_abs_diff", "rel_err", "ref_compile_s",
                "kernel_compile_s"]
 
@@ -359,10 +450,25 @@ def report(result: dict) -> str:
     errors = [f"{key}: {value['error']}" for key, value in result.items()
               if isinstance(value, dict) and "error" in value]
     errors += [f"e2e_compiled {k}: {v}" for k, v in result.get("e2e_compiled", {}).items() if k.endswith("_error")]
+    errors += [f"forms_e2e_compiled {k}: {v}" for k, v in result.get("forms_e2e_compiled", {}).items()
+               if k.endswith("_error")]
     if errors:
         parts.append("\n### Errors\n\n" + "\n".join(f"- {line}" for line in errors))
     if e2e:
         parts.append(f"\n### UNet forward (vidrd-base step), ms\n\n{table(e2e, E2E_COLUMNS)}")
+    if isinstance(result.get("forms_block_compiled"), list):
+        parts.append(f"\n### Temp-Conv block compiled: conv vs GEMM vs Triton, ms\n\n"
+                     f"{table(result['forms_block_compiled'], FORMS_BLOCK_COLUMNS)}")
+    forms = result.get("forms_e2e_compiled")
+    if isinstance(forms, dict) and ("conv_ms" in forms or "gemm_ms" in forms):
+        parts.append(f"\n### UNet step compiled: Temp-Conv as conv vs GEMM, ms\n\n{table([forms], FORMS_E2E_COLUMNS)}")
+        for name in ("conv", "gemm"):
+            prof = forms.get(f"{name}_profile")
+            if prof:
+                lines = [f"| {k['kernel'][:90]} | {k['category']} | {k['calls']} | {k['ms']:.3f} |" for k in prof["top"]]
+                cats = ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof["by_category_ms"].items(), key=lambda kv: -kv[1]))
+                parts.append(f"\n#### Costliest kernels, Temp-Conv as {name} ({prof['total_ms']:.2f} ms GPU per step; "
+                             f"{cats})\n\n| kernel | category | calls | ms |\n|---|---|---:|---:|\n" + "\n".join(lines))
     return "\n".join(parts)
 
 
@@ -394,11 +500,14 @@ def run(args, result: dict, save: Callable[[], None]) -> None:
     for name, compiled in (("block", False), ("block-compiled", True)):
         if name in todo:
             section(name, bench_blocks, args, dtype, timing, compiled)
-    if "e2e-eager" in todo or "e2e-compiled" in todo:
+    if "forms-block-compiled" in todo:
+        section("forms-block-compiled", bench_forms_blocks, args, dtype, timing)
+    if {"e2e-eager", "e2e-compiled", "forms-e2e-compiled"} & set(todo):
         unet = load_unet(args, dtype)
         inputs = unet_inputs(args, unet, dtype)
         log(f"{args.model} UNet loaded ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters)")
-        for name, fn in (("e2e-eager", bench_e2e_eager), ("e2e-compiled", bench_e2e_compiled)):
+        for name, fn in (("e2e-eager", bench_e2e_eager), ("e2e-compiled", bench_e2e_compiled),
+                         ("forms-e2e-compiled", bench_forms_e2e)):
             if name in todo:
                 section(name, fn, args, unet, inputs, timing)
 

@@ -26,12 +26,15 @@ CATEGORIES = [
     ("matmul (linear)", r"nvjet|gemm|cutlass|sm90_xmma_gemm|ampere_.*gemm|cublas"),
     ("normalisation", r"norm|moments|welford|rowwise"),
     ("layout copies", r"copy|transpose|permute|contiguous|cat"),
-    ("fused elementwise (Inductor)", r"^triton_"),
     ("elementwise (eager)", r"elementwise|vectorized|unrolled"),
 ]
 
 
 def category(name: str) -> str:
+    # Inductor names its kernels after every op they fuse ("triton_poi_fused_clone_convolution_native_group_norm_
+    # silu_..." is the GroupNorm + SiLU feeding a convolution, no convolution itself): sort them apart first.
+    if name.startswith("triton_"):
+        return "Inductor reductions" if name.startswith(("triton_red", "triton_per")) else "Inductor pointwise"
     for label, pattern in CATEGORIES:
         if re.search(pattern, name, re.IGNORECASE):
             return label

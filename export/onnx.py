@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..runtime import layers
 from ..runtime.errors import UserError
 from .specs import ExportSpec
 
@@ -66,7 +67,7 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | Path, attention
 def _trace(module: nn.Module, spec: ExportSpec, out: Path, device, attention: str) -> None:
     args = spec.sample_inputs(device)
     fused = _fused_attention() if attention == "mha" else contextlib.nullcontext()
-    with warnings.catch_warnings(), torch.no_grad(), fused:
+    with warnings.catch_warnings(), torch.no_grad(), fused, layers.exporting():
         # TracerWarnings flag Python ints taken from shapes (frame counts): intended, the graph keeps them symbolic
         # where the frame axis is dynamic. The DeprecationWarning is torch's notice about the TorchScript exporter.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -113,7 +113,9 @@ def _finalize_kernel(x_ptr, part_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr,
     mean = _colsum(tl.where(cmask, mean_c, 0.0)) / CPG
     dev = tl.where(cmask, mean_c - mean, 0.0)
     m2 = _colsum(tl.where(cmask, m2_c, 0.0) + n * dev * dev)
-    rstd = 1.0 / tl.sqrt_rn(m2 / (n * CPG) + eps)  # biased variance, as GroupNorm
+    # Biased variance, as GroupNorm. The cast: Inductor passes a Python float eps as fp64, which would make the
+    # variance fp64, and sqrt_rn takes fp32 only.
+    rstd = 1.0 / tl.sqrt_rn((m2 / (n * CPG) + eps).to(tl.float32))
     gamma = tl.load(gamma_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     scale = rstd * gamma

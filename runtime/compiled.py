@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import layers
 from .backends import TorchDecoder
 from .config import RuntimeConfig
 from .errors import UserError
@@ -56,6 +57,9 @@ class CompileSettings:
     cache_dir: Optional[str] = None
     # Calls before a CUDA graph capture: the first compiles, the next lets lazy initialisation settle.
     warmup_calls: int = 2
+    # Temp-Conv traced as one matmul over 3 shifted frames (runtime/layers.py temporal_conv_as_gemm) instead of a
+    # cuDNN (3, 1) convolution; same maths, fp16 rounding differs.
+    temporal_conv_gemm: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -84,6 +88,7 @@ def apply_inductor_flags(settings: CompileSettings) -> None:
     inductor.freezing = settings.freezing
     inductor.conv_1x1_as_mm = settings.conv_1x1_as_mm
     inductor.coordinate_descent_tuning = settings.coordinate_descent_tuning
+    layers.set_temporal_conv_form("compiled" if settings.temporal_conv_gemm else "never")
     torch._dynamo.config.suppress_errors = False  # a failure to compile is an error, never a silent eager fallback
     # Every pipeline, lane count and sampler setting compiles the same step code object once; the default limit of
     # 8 would silently send later ones to eager in a long-lived process (a benchmark ladder, a server).

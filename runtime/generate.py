@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import RuntimeConfig, SamplerConfig
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .noise import TorchNoise
 from .overlap import ClipSink
 from .pipeline import VideoPipeline, encode_prompt
@@ -31,14 +31,6 @@ from .video_io import ClipFrameStore, OutputError, atomic_torch_save, check_outp
 from .weights import ModelSource, load_model
 
 STATE_FILE = "state.pt"
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; completed clips are kept."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @dataclass(frozen=True)

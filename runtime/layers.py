@@ -7,6 +7,7 @@ tensor is channels_last, i.e. physically (B, F, H, W, C), every such view is fre
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -88,11 +89,15 @@ class TemporalConv(nn.Module):
             return self._forward_triton(x, frames)
         bf, c, h, w = x.shape
         clip = x.permute(0, 2, 3, 1).reshape(bf // frames, frames, h * w, c).permute(0, 3, 1, 2)  # (B, C, F, HW)
+        as_gemm = use_temporal_conv_gemm()
         y = clip
         for i in range(0, len(self.convs), 4):
             norm, act, drop, conv = self.convs[i : i + 4]
             y = drop(act(norm(y)))  # GroupNorm over (C/G, F, HW): all frames of the clip
-            y = F.conv2d(y, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))  # (B, C, F, HW)
+            if as_gemm:
+                y = temporal_conv_as_gemm(y, conv.weight, conv.bias)
+            else:
+                y = F.conv2d(y, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))  # (B, C, F, HW)
         y = clip + y
         return y.permute(0, 2, 3, 1).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W)
 
@@ -105,9 +110,78 @@ class TemporalConv(nn.Module):
         return temporal_conv_block(x, frames, module_layers(self))
 
 
+def temporal_conv_as_gemm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The (3, 1, 1) convolution as one matmul with K = 3C: each output frame reads its frame and both neighbours
+    (zeros past the ends), concatenated along channels. y (B, C, F, HW) -> (B, C, F, HW), the same maths as
+    F.conv2d with padding (1, 0). Under Inductor the pad and concatenation fuse into the GroupNorm/SiLU kernel that
+    produces y, and the matmul goes to cuBLAS in the row-major layout it prefers."""
+    frames = y.shape[2]
+    rows = y.permute(0, 2, 3, 1)  # (B, F, HW, C): a view when y is channels_last
+    padded = F.pad(rows, (0, 0, 0, 0, 1, 1))  # (B, F+2, HW, C)
+    taps = torch.cat([padded[:, k : k + frames] for k in range(3)], dim=-1)  # (B, F, HW, 3C): frames f-1, f, f+1
+    c_out, c_in = weight.shape[:2]
+    w = weight.reshape(c_out, c_in, 3).transpose(1, 2).reshape(c_out, 3 * c_in)  # tap-major, as taps is
+    return F.linear(taps, w, bias).permute(0, 3, 1, 2)  # (B, C, F, HW)
+
+
+# Temp-Conv as one matmul (temporal_conv_as_gemm) instead of a cuDNN (3, 1) convolution: "compiled" (only while
+# torch.compile traces, where Inductor fuses the concatenation away; eager would pay it as a copy), "always" or
+# "never". Process-wide, like Inductor's flags: set by the compiled backend (CompileSettings.temporal_conv_gemm) or
+# by temporal_conv_form(). Export never uses it.
+TEMPORAL_CONV_FORMS = ("never", "compiled", "always")
+TEMPORAL_CONV_GEMM = "never"
+
+
+def set_temporal_conv_form(form: str) -> None:
+    global TEMPORAL_CONV_GEMM
+    if form not in TEMPORAL_CONV_FORMS:
+        raise ValueError(f"Temp-Conv GEMM form must be one of {', '.join(TEMPORAL_CONV_FORMS)} (got {form!r})")
+    TEMPORAL_CONV_GEMM = form
+
+
+@contextlib.contextmanager
+def temporal_conv_form(form: str):
+    """Run (or trace) a block of code with the Temp-Conv GEMM form set, then put the previous one back."""
+    previous = TEMPORAL_CONV_GEMM
+    set_temporal_conv_form(form)
+    try:
+        yield
+    finally:
+        set_temporal_conv_form(previous)
+
+
+def use_temporal_conv_gemm() -> bool:
+    if TEMPORAL_CONV_GEMM == "always":
+        return not _exporting()
+    if TEMPORAL_CONV_GEMM == "compiled":
+        return torch.compiler.is_compiling() and not _exporting()
+    return False
+
+
+_EXPORT_DEPTH = 0  # > 0 inside exporting(): our ONNX export enters it around the tracer
+
+
+@contextlib.contextmanager
+def exporting():
+    """Marks an export: the layers use only the reference ops inside (export/onnx.py enters it)."""
+    global _EXPORT_DEPTH
+    _EXPORT_DEPTH += 1
+    try:
+        yield
+    finally:
+        _EXPORT_DEPTH -= 1
+
+
 def _exporting() -> bool:
-    """torch.onnx (TorchScript tracer) or torch.export is tracing: engines must see the reference ops."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    """Whether an exporter is tracing, so the engines must see the reference ops: inside exporting(), or the
+    TorchScript tracer (torch.onnx's exporter). Under Dynamo only exporting() counts: torch.compiler.is_exporting()
+    is also True under a plain torch.compile in torch 2.11 (pytorch/pytorch#176347), which would keep the kernels
+    and the GEMM form out of every compiled graph."""
+    if _EXPORT_DEPTH > 0:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 # Devices whose tensors may go to the Triton kernels (tests add "cpu" to run them under TRITON_INTERPRET=1).

@@ -118,3 +118,12 @@ def test_sigint_keeps_finished_clips_and_resume_completes(tmp_path):
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == kept + 8
     assert not os.path.exists(tmp_path / ".v.mp4.run")
+
+
+def test_cli_runs_without_pyav():
+    """Only writing video needs PyAV: `eval`, `bench`, `inspect` and the error handling of main() must not import it."""
+    code = ("import sys; sys.modules['av'] = None; sys.argv = ['vidrd-rt', 'eval', '--help']\n"
+            "from vidrd_rt.cli import main\nmain()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--prompts" in done.stdout

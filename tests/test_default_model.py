@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,9 +131,28 @@ def test_training_runs_and_writes_a_loadable_model(tmp_path):
     assert all(t.dtype == torch.float16 for t in _file_tensors(folder / "unet.safetensors"))
     # Continuing from the written folder (the recipe's second stage) keeps its VAE.
     cfg2 = training.TrainConfig(out=str(tmp_path / "run2"), device="cpu", max_steps=1, unet_batch=1,
-                                vae_minutes=0, unet_minutes=5, init=str(folder))
+                                vae_minutes=0, unet_minutes=5, init=str(folder), high_noise_share=0.5,
+                                motion_share=0.8, action_share=0.1)
     again = load_model(ModelSource(model=str(training.train(cfg2))))
     assert torch.equal(again.vae.decoder.conv_out.weight, model.vae.decoder.conv_out.weight)
+
+
+def test_training_timesteps_favour_high_noise_by_the_asked_share():
+    g = torch.Generator().manual_seed(0)
+    uniform = training.training_timesteps(20000, 1000, 0.0, g, "cpu")
+    biased = training.training_timesteps(20000, 1000, 0.5, g, "cpu")
+    assert 0 <= int(biased.min()) and int(biased.max()) < 1000
+    # Uniform: half the draws land in the upper half; with a share of 0.5 drawn only there: 0.5 + 0.5 * 0.5.
+    assert float((uniform >= 500).float().mean()) == pytest.approx(0.5, abs=0.02)
+    assert float((biased >= 500).float().mean()) == pytest.approx(0.75, abs=0.02)
+
+
+def test_training_data_shares_reach_the_scenes():
+    cfg = training.TrainConfig(out="unused", motion_share=1.0, action_share=0.0)
+    model = SimpleNamespace(config=SimpleNamespace(height=32))  # scenes_for reads only the frame size
+    scenes = training.scenes_for(model, cfg)
+    _, captions = sample_batch(scenes, 12, torch.Generator().manual_seed(0))
+    assert all(" moving " in c for c in captions)
 
 
 def _file_tensors(path):

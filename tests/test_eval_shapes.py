@@ -202,8 +202,8 @@ def test_run_eval_tiny_random_model(tmp_path, one_thread):
     # Four rows cover the code paths (M = 0, the default, drop_overlap, the other decoder); each costs
     # 2 prompts x 2 clips x 2 steps UNet calls.
     rows = {c.name: c for c in ev.ablation_configs()}
-    configs = [rows[n] for n in ("independent", "fnr+pns+dsg", "fnr+pns+dsg,drop-overlap",
-                                 "fnr+pns+dsg,per-frame-decoder")]
+    configs = [rows[n] for n in ("independent", "fnr+pns+dsg", "fnr+pns+dsg/drop-overlap",
+                                 "fnr+pns+dsg/per-frame-decoder")]
     prompts = ev.eval_prompts(quick=True)[:2]
     out = tmp_path / "eval.json"
     ev.run_eval(ModelSource(model="tiny", random_weights=True), configs, prompts, clips=2, seed=0, device="cpu",

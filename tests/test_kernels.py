@@ -240,13 +240,20 @@ def test_layer_traces_in_one_graph_with_the_kernel_op(cpu_kernels):
 
 
 def test_exporting_sees_the_reference_ops():
-    """While torch.onnx (TorchScript tracer) or torch.export traces, the predicate is off; also under Dynamo."""
+    """The TorchScript tracer (torch.onnx's exporter) and our exporting() mark an export; a plain torch.compile does
+    not, also on torch versions whose is_exporting() says True under torch.compile (pytorch/pytorch#176347)."""
     x = torch.zeros(2, 32, 1, 1).contiguous(memory_format=torch.channels_last)
     assert not layers._exporting()
     traced = torch.jit.trace(lambda t: t + float(layers._exporting()), x, check_trace=False)
     assert traced(x).max().item() == 1.0
+    torch._dynamo.reset()
     compiled = torch.compile(lambda t: t + float(layers._exporting()), fullgraph=True, backend="eager")
     assert compiled(x).max().item() == 0.0
+    with layers.exporting():
+        assert layers._exporting()
+        torch._dynamo.reset()
+        assert compiled(x).max().item() == 1.0
+    assert not layers._exporting()
 
 
 #################################################################################

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the default model from scratch on one GPU (~13 min on an H100) and install it as the shipped default.
+# Train the default model from scratch on one GPU (~27 min on an H100/H200) and install it as the shipped default.
 #   bash training/recipe.sh [runs]        (run from the repository root)
 # The stages are time-budgeted, so a rerun gives a model of the same kind, not the same bits.
 set -euo pipefail
@@ -8,7 +8,12 @@ python -m vidrd_rt.training.train --out "$runs/stage1" --device cuda --vae-minut
     --object-weight 0
 python -m vidrd_rt.training.train --out "$runs/stage2" --device cuda --vae-minutes 0 --unet-minutes 4.4 \
     --init "$runs/stage1/model" --save-every-minutes 1.5
+# Stages 3-4: half the timesteps from the noisier half, where only the caption can say the direction.
+python -m vidrd_rt.training.train --out "$runs/stage3" --device cuda --vae-minutes 0 --unet-minutes 6.8 \
+    --init "$runs/stage2/model" --seed 3 --high-noise-share 0.5 --motion-share 0.75 --action-share 0.1
+python -m vidrd_rt.training.train --out "$runs/stage4" --device cuda --vae-minutes 0 --unet-minutes 7.2 \
+    --init "$runs/stage3/model" --seed 4 --high-noise-share 0.5 --motion-share 0.75 --action-share 0.1
 rm -rf runtime/assets/default_model.new
-cp -r "$runs/stage2/model" runtime/assets/default_model.new
+cp -r "$runs/stage4/model" runtime/assets/default_model.new
 rm -rf runtime/assets/default_model && mv runtime/assets/default_model.new runtime/assets/default_model
 echo "installed runtime/assets/default_model"

@@ -52,6 +52,11 @@ class TrainConfig:
     max_steps: int = 0  # stop each stage after this many steps too (0: time only; for smoke tests)
     init: str = ""  # continue from this model folder (its VAE is kept: pass --vae-minutes 0)
     object_weight: float = 10.0  # extra diffusion-loss weight where the object is (see object_weights)
+    # Share of clips whose timestep comes from the noisier half of the schedule. There a sample's layout and motion
+    # are decided, and only the caption tells the direction; elsewhere the noisy input already shows it.
+    high_noise_share: float = 0.0
+    motion_share: float = 0.6  # share of straight-motion clips in the data (SceneConfig.p_motion)
+    action_share: float = 0.2  # bouncing/growing/shrinking clips; the rest are pseudo-videos
 
 
 #################################################################################
@@ -86,8 +91,9 @@ def zero_last_temporal_convs(model: VidRDModel) -> None:
                 module.convs[-1].bias.zero_()
 
 
-def scenes_for(model: VidRDModel) -> SceneConfig:
-    return SceneConfig(size=model.config.height, frames=16)
+def scenes_for(model: VidRDModel, cfg: TrainConfig | None = None) -> SceneConfig:
+    shares = {} if cfg is None else {"p_motion": cfg.motion_share, "p_action": cfg.action_share}
+    return SceneConfig(size=model.config.height, frames=16, **shares)
 
 
 class Clock:
@@ -182,11 +188,19 @@ def latent_object_weights(video: torch.Tensor, size: int, extra: float) -> torch
     return 1 + extra * cells.reshape(b, frames, 1, size, size).transpose(1, 2)
 
 
+def training_timesteps(b: int, steps: int, high_share: float, generator, device) -> torch.Tensor:
+    """(b,) timesteps, uniform over the schedule, except that a share high_share of them comes from its upper half."""
+    t = torch.randint(0, steps, (b,), device=device, generator=generator)
+    high = torch.randint(steps // 2, steps, (b,), device=device, generator=generator)
+    pick = torch.rand(b, device=device, generator=generator) < high_share
+    return torch.where(pick, high, t)
+
+
 def diffusion_loss(model, latents, ids, alphas: torch.Tensor, gamma: float, generator,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, high_share: float = 0.0) -> torch.Tensor:
     """Epsilon prediction at a random training timestep per clip, Min-SNR weighted (and per cell, if given)."""
     b = latents.shape[0]
-    t = torch.randint(0, alphas.numel(), (b,), device=latents.device, generator=generator)
+    t = training_timesteps(b, alphas.numel(), high_share, generator, latents.device)
     noise = torch.randn(latents.shape, device=latents.device, generator=generator)
     a = alphas[t].view(b, 1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -213,7 +227,7 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
     warmup = lambda step: min(1.0, (step + 1) / 200)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     alphas = alphas_cumprod(model.config.scheduler).to(cfg.device)
-    clock, scenes, last_save = Clock(cfg.unet_minutes, cfg.max_steps, "unet"), scenes_for(model), time.time()
+    clock, scenes, last_save = Clock(cfg.unet_minutes, cfg.max_steps, "unet"), scenes_for(model, cfg), time.time()
     while clock.running():
         video, captions = sample_batch(scenes, cfg.unet_batch, generator, cfg.device)
         ids = tokenize(model.tokenizer, drop_captions(captions, cfg.uncond_prob, generator)).to(cfg.device)
@@ -221,7 +235,8 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
             latents = encode_latents(model, video, scale)
         with torch.autocast(device_type=_device_type(cfg), dtype=torch.bfloat16, enabled=_cuda(cfg)):
             weights = latent_object_weights(video, latents.shape[-1], cfg.object_weight)
-            loss = diffusion_loss(model, latents, ids, alphas, cfg.min_snr_gamma, generator, weights)
+            loss = diffusion_loss(model, latents, ids, alphas, cfg.min_snr_gamma, generator, weights,
+                                  cfg.high_noise_share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
