@@ -303,38 +303,17 @@ def bench_forms_e2e(args, unet, inputs, timing) -> dict:
                 row[f"{name}_compile_s"] = time.perf_counter() - start
                 row[f"{name}_ms"] = timing(step, *inputs, inner=3, graph=False)
                 if args.device == "cuda":
+                    from vidrd_rt.bench.profile_step import top_kernels
+
                     entry = next(iter(step.entries.values()))
-                    row[f"{name}_profile"] = top_kernels(lambda: step.compiled(*entry.inputs))
+                    with torch.inference_mode():
+                        row[f"{name}_profile"] = top_kernels(lambda: step.compiled(*entry.inputs))
         except Exception as e:  # noqa: BLE001 - reported in the result, the run goes on
             row[f"{name}_error"] = _error(e)
         log(f"UNet compiled, Temp-Conv as {name}: {row.get(f'{name}_ms', float('nan')):.4g} ms")
     if len(outs) == 2:
         row.update(_diff(outs["gemm"], outs["conv"]))
     return row
-
-
-def top_kernels(fn: Callable, steps: int = 3, top: int = 25) -> dict:
-    """GPU time per call by kernel name (the `top` costliest) and by bench/profile_step.py's categories."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from vidrd_rt.bench.profile_step import category
-
-    with torch.inference_mode():
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                fn()
-            torch.cuda.synchronize()
-    events = [(e.key, e.device_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()
-              if e.device_time_total > 0]
-    events.sort(key=lambda e: -e[1])
-    by_category: dict[str, float] = {}
-    for key, ms, _ in events:
-        by_category[category(key)] = by_category.get(category(key), 0.0) + ms
-    return {"total_ms": sum(e[1] for e in events), "by_category_ms": by_category,
-            "top": [{"kernel": k[:160], "ms": ms, "calls": n, "category": category(k)} for k, ms, n in events[:top]]}
 
 
 def load_unet(args, dtype):

@@ -41,19 +41,37 @@ def category(name: str) -> str:
     return "other"
 
 
-def breakdown(fn, steps: int = 5) -> dict:
-    for _ in range(3):
+def kernel_times(fn, steps: int = 5, warmup: int = 3) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU ms per call, launches per call) of fn, costliest first."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    events = [(e.key, e.device_time_total / steps / 1000, e.count // steps) for e in prof.key_averages()
+              if e.device_time_total > 0]
+    return sorted(events, key=lambda e: -e[1])
+
+
+def by_category(events: list[tuple[str, float, int]]) -> dict:
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.device_time_total > 0:
-            totals[category(event.key)] += event.device_time_total / steps / 1000  # ms per step
+    for key, ms, _ in events:
+        totals[category(key)] += ms
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def breakdown(fn, steps: int = 5) -> dict:
+    """GPU ms per call by kernel category."""
+    return by_category(kernel_times(fn, steps))
+
+
+def top_kernels(fn, steps: int = 3, top: int = 25) -> dict:
+    """GPU time per call in total, by category, and for the `top` costliest kernels by name."""
+    events = kernel_times(fn, steps, warmup=2)
+    return {"total_ms": sum(e[1] for e in events), "by_category_ms": by_category(events),
+            "top": [{"kernel": k[:160], "ms": ms, "calls": n, "category": category(k)} for k, ms, n in events[:top]]}
 
 
 @torch.inference_mode()
