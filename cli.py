@@ -236,8 +236,9 @@ def bench(
 
 
 def default_inflight(device: str, backend: str, clips: int) -> int:
-    """Measured on an H200 (bench/RESULTS.md): 4 clips per UNet call give 1.29x the frames/s of 1 (first clip 4.9 s
-    instead of 1.4 s). Engines have a fixed batch, and on a CPU batching gains nothing: 1 there."""
+    """Measured on an H200 (bench/RESULTS.md): 4 clips per UNet call give 1.19x the frames/s of 1 (first clip 4.6 s
+    instead of 1.24 s); 8 give 1.11x more again but an 8.1 s first clip, so 4 is the default. Engines have a fixed
+    batch, and on a CPU batching gains nothing: 1 there."""
     on_gpu = device.startswith("cuda") and backend in ("torch", "compiled")
     return 4 if on_gpu and clips >= 4 else 1
 

@@ -2,7 +2,7 @@
 
 A spec is rows separated by commas; a row is a preset name with optional `:key=value` overrides, e.g.
 `authors,fp16,compiled,wavefront,compiled:inflight=16:name=k16,onnxruntime`. Keys: backend, dtype, decoder,
-inflight (alias k), engine_dir, name. `wavefront` expands to one compiled row per K in the K list.
+inflight (alias k), engine_dir, compile_decoder and cudnn_benchmark (yes/no), name. `wavefront` expands to one compiled row per K in the K list.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ PRESETS: dict[str, dict] = {
     "tensorrt": {"backend": "tensorrt"},
     "trt": {"backend": "tensorrt"},
 }
-_KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name"}
+_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no"}  # RuntimeConfig booleans (yes/no) and defaults
+_KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES}
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Row:
 
 
 def default_name(runtime: RuntimeConfig, preset: str) -> str:
-    """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame when it differs)."""
+    """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder, -cudnn-benchmark when they differ)."""
     if preset == "authors":
         return "authors"
     name = f"{runtime.backend}-{runtime.dtype}"
@@ -56,6 +57,10 @@ def default_name(runtime: RuntimeConfig, preset: str) -> str:
         name += f"-k{runtime.inflight}"
     if runtime.decoder == "per-frame":
         name += "-per-frame"
+    if runtime.backend == "compiled" and not runtime.compile_decoder:
+        name += "-eager-decoder"
+    if runtime.cudnn_benchmark:
+        name += "-cudnn-benchmark"
     return name
 
 
@@ -78,9 +83,15 @@ def _runtime(fields: dict, device: str, dtype: str, decoder: str, engine_dir: st
         inflight = int(fields.get("inflight", 1))
     except ValueError:
         raise ConfigError(f"--ladder: inflight must be a whole number (got {fields['inflight']!r})") from None
+    switches = {}
+    for key in _SWITCHES:
+        value = str(fields.get(key, _SWITCHES[key])).lower()
+        if value not in ("yes", "no"):
+            raise ConfigError(f"--ladder: {key} must be yes or no (got {fields[key]!r})")
+        switches[key] = value == "yes"
     return RuntimeConfig(device=device, dtype=fields.get("dtype", dtype), backend=fields["backend"],
                          decoder=fields.get("decoder", decoder), inflight=inflight,
-                         engine_dir=fields.get("engine_dir", engine_dir))
+                         engine_dir=fields.get("engine_dir", engine_dir), **switches)
 
 
 def parse_ladder(spec: str, device: str, dtype: str = "fp16", decoder: str = "temporal",

@@ -23,8 +23,10 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def prepare_for_device(model: VidRDModel, runtime: RuntimeConfig) -> VidRDModel:
-    """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies."""
+    """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies, and let
+    cuDNN time its convolution algorithms or not (runtime.cudnn_benchmark)."""
     if torch.device(runtime.device).type == "cuda":
+        torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
         formats = {4: torch.channels_last, 5: torch.channels_last_3d}  # 5-D: Temp-Conv, used as (C, C, 3, 1)
         for module in (model.unet, model.vae):
             for p in module.parameters():

@@ -271,6 +271,13 @@ class RuntimeConfig:
     inflight: int = 1
     # Where ONNX / TensorRT artefacts live (backends onnxruntime and tensorrt); built by `vidrd-rt build-engine`.
     engine_dir: str | None = None
+    # Backend "compiled" only: compile the decoder too (one more compile and CUDA graph per clip shape). Eager, its
+    # layout copies and GroupNorms cost ~200 ms a 256x256 clip of GPU time that the next clips' steps wait behind.
+    compile_decoder: bool = True
+    # CUDA: cuDNN times its algorithms for each convolution shape on first use (once per shape, inside the warm-up)
+    # instead of picking one by heuristics. Process-wide (torch.backends.cudnn.benchmark), set when a pipeline is built.
+    # Off: measured no faster for vidrd-base, compiled, K=1 and K=4 (bench/RESULTS.md).
+    cudnn_benchmark: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

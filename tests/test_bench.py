@@ -117,7 +117,12 @@ def test_ladder_spec():
     assert rows[4].runtime.inflight == 4 and rows[6].runtime.backend == "tensorrt"
     assert [r.name for r in parse_ladder("authors,fp16,compiled", "cpu", backends=("compiled",))] == \
         ["compiled-fp16"]
-    for bad in ("warp", "fp16:colour=red", "fp16,fp16", "fp16:k=two"):
+    both = parse_ladder("compiled,compiled:compile_decoder=no", "cuda")
+    assert [r.name for r in both] == ["compiled-fp16", "compiled-fp16-eager-decoder"]
+    assert [r.runtime.compile_decoder for r in both] == [True, False]
+    assert rows[1].runtime.cudnn_benchmark is False
+    assert parse_ladder("fp16:cudnn_benchmark=yes", "cuda")[0].name == "torch-fp16-cudnn-benchmark"
+    for bad in ("warp", "fp16:colour=red", "fp16,fp16", "fp16:k=two", "compiled:compile_decoder=maybe"):
         with pytest.raises(ConfigError):
             parse_ladder(bad, "cpu")
 

@@ -74,7 +74,29 @@ def test_compiled_wavefront_video_matches_eager_sequential(compiled_tiny, truth)
     eager_error = max(_rel(e, t) for e, t in zip(eager, fp64))
     fast_error = max(_rel(f, t) for f, t in zip(fast, fp64))
     assert fast_error < max(3 * eager_error, 1e-5) and fast_error < 1e-3, (fast_error, eager_error)
-    assert len(pipeline.denoise.compile_log) == 1 and [len(f) for f in frames] == [4, 4, 4]
+    # One compile of the step and one of the decoder (one clip shape), none more over three clips.
+    assert [len(entry["shapes"][0]) for entry in pipeline.denoise.compile_log] == [5, 5]
+    assert [len(f) for f in frames] == [4, 4, 4]
+
+
+def test_compiled_decoder_matches_eager_and_hands_back_its_own_copies(compiled_tiny):
+    from vidrd_rt.runtime.backends import TorchDecoder
+    from vidrd_rt.runtime.compiled import CompiledDecoder, make_compiled_backends
+    from vidrd_rt.runtime.config import RuntimeConfig
+
+    runtime = RuntimeConfig(backend="compiled")
+    decode = CompiledDecoder(compiled_tiny.model, runtime, CompileSettings(), log := [])
+    eager = TorchDecoder(compiled_tiny.model, runtime)
+    g = torch.Generator().manual_seed(7)
+    first, second = torch.randn(1, 4, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 8, 8, generator=g)
+    a, b = decode(first), decode(second)  # b's decode must not overwrite a
+    assert len(log) == 1
+    for got, latents in ((a, first), (b, second)):
+        want = eager(latents)
+        assert got.shape == want.shape == (1, 3, 4, 64, 64)
+        assert (got - want).abs().max().item() < 1e-4
+    _, plain = make_compiled_backends(compiled_tiny.model, RuntimeConfig(backend="compiled", compile_decoder=False))
+    assert isinstance(plain, TorchDecoder)
 
 
 def test_a_graph_break_is_an_error():

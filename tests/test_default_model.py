@@ -16,7 +16,7 @@ from vidrd_rt.runtime.weights import DEFAULT_MODEL, ModelSource, load_model
 from vidrd_rt.training import train as training
 from vidrd_rt.training.scenes import SceneConfig, sample_batch
 from vidrd_rt.training.tokenizer import build_tokenizer
-from vidrd_rt.training.vocab import all_words
+from vidrd_rt.training.vocab import all_words, time_reversed_caption
 
 from conftest import run_cli
 
@@ -132,7 +132,7 @@ def test_training_runs_and_writes_a_loadable_model(tmp_path):
     # Continuing from the written folder (the recipe's second stage) keeps its VAE.
     cfg2 = training.TrainConfig(out=str(tmp_path / "run2"), device="cpu", max_steps=1, unet_batch=1,
                                 vae_minutes=0, unet_minutes=5, init=str(folder), high_noise_share=0.5,
-                                motion_share=0.8, action_share=0.1)
+                                motion_share=0.8, action_share=0.1, reversal_weight=0.1, reversal_clips=1)
     again = load_model(ModelSource(model=str(training.train(cfg2))))
     assert torch.equal(again.vae.decoder.conv_out.weight, model.vae.decoder.conv_out.weight)
 
@@ -153,6 +153,67 @@ def test_training_data_shares_reach_the_scenes():
     scenes = training.scenes_for(model, cfg)
     _, captions = sample_batch(scenes, 12, torch.Generator().manual_seed(0))
     assert all(" moving " in c for c in captions)
+
+
+def test_time_reversed_captions_swap_only_the_arrow_of_time():
+    assert time_reversed_caption("a red circle moving left on a striped background") == \
+        "a red circle moving right on a striped background"
+    assert time_reversed_caption("a blue square growing") == "a blue square shrinking"
+    assert time_reversed_caption("a red circle and a green square with camera zooming in") == \
+        "a red circle and a green square with camera zooming out"
+    assert time_reversed_caption("a red circle bouncing") is None  # bouncing backwards is still bouncing
+    assert time_reversed_caption("") is None
+    for caption in ("a red circle moving up", "a blue square with camera panning down"):
+        assert time_reversed_caption(time_reversed_caption(caption)) == caption
+
+
+def test_reversal_contrast_rewards_the_own_caption_and_scales_with_the_error():
+    err_true = torch.tensor([0.010, 0.020], requires_grad=True)
+    err_reversed = torch.tensor([0.012, 0.020], requires_grad=True)
+    loss = training.reversal_contrast(err_true, err_reversed, sharpness=50.0)
+    loss.backward()
+    # Lower the own caption's error, raise the reversed one's: the gradient pushes both ways.
+    assert (err_true.grad > 0).all() and (err_reversed.grad < 0).all()
+    # A clear gap costs less than none, and the same relative gap costs the same relative amount at any level.
+    assert float(training.reversal_contrast(torch.tensor([0.01]), torch.tensor([0.02]), 50.0)) < \
+        float(training.reversal_contrast(torch.tensor([0.01]), torch.tensor([0.01]), 50.0))
+    low = training.reversal_contrast(torch.tensor([0.01]), torch.tensor([0.011]), 50.0)
+    high = training.reversal_contrast(torch.tensor([0.1]), torch.tensor([0.11]), 50.0)
+    assert float(high) == pytest.approx(10 * float(low), rel=1e-5)
+
+
+def test_reversal_batch_takes_only_captions_with_a_reversed_version(tmp_path):
+    tokenizer = load_tokenizer(build_tokenizer(tmp_path / "tok"))
+    captions = ["a red circle bouncing", "", "a red circle moving left", "a blue square growing",
+                "a green triangle moving up"]
+    cfg = training.TrainConfig(out="unused", device="cpu", reversal_weight=0.1, reversal_clips=2,
+                               reversal_min_timestep=500)
+    reversal = training.reversal_for(tokenizer, captions, cfg)
+    assert reversal.index.tolist() == [2, 3, 4]
+    # At most reversal_clips of them, and only those drawn at or above the minimum timestep.
+    index, ids = reversal.chosen(torch.tensor([999, 999, 900, 100, 600]))
+    assert index.tolist() == [2, 4]
+    expected = training.tokenize(tokenizer, ["a red circle moving right", "a green triangle moving down"])
+    assert torch.equal(ids, expected)
+    assert reversal.chosen(torch.full((5,), 900))[0].tolist() == [2, 3]
+    assert reversal.chosen(torch.full((5,), 10))[0].numel() == 0
+    off = training.TrainConfig(out="unused", device="cpu")
+    assert training.reversal_for(tokenizer, captions, off) is None
+    assert training.reversal_for(tokenizer, ["", "a red circle bouncing"], cfg) is None
+
+
+def test_caption_probe_sees_the_words_the_shipped_model_uses():
+    """The probe behind README's account of the direction words: on the shipped model, a wrong axis or no caption
+    and the time-reversed caption must cost clearly more error than the true one at a mid timestep (a probe that compared a caption with
+    itself would give 1.0 everywhere)."""
+    from vidrd_rt.bench.caption_probe import other_axis_caption, probe
+
+    assert other_axis_caption("a red circle moving left on a dark background") == \
+        "a red circle moving up on a dark background"
+    ratios = probe(load_model(ModelSource()), clips=8, device="cpu", timesteps=(600,))[600]
+    assert set(ratios) == {"reversed", "axis", "none"}
+    # Stage 6 of the shipped model learnt the sign of the direction words too (the time-reversal contrast).
+    assert ratios["axis"] > 1.2 and ratios["none"] > 1.2 and ratios["reversed"] > 1.2
 
 
 def _file_tensors(path):

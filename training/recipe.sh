@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the default model from scratch on one GPU (~27 min on an H100/H200) and install it as the shipped default.
+# Train the default model from scratch on one GPU (~38 min on an H100/H200) and install it as the shipped default.
 #   bash training/recipe.sh [runs]        (run from the repository root)
 # The stages are time-budgeted, so a rerun gives a model of the same kind, not the same bits.
 set -euo pipefail
@@ -13,7 +13,15 @@ python -m vidrd_rt.training.train --out "$runs/stage3" --device cuda --vae-minut
     --init "$runs/stage2/model" --seed 3 --high-noise-share 0.5 --motion-share 0.75 --action-share 0.1
 python -m vidrd_rt.training.train --out "$runs/stage4" --device cuda --vae-minutes 0 --unet-minutes 7.2 \
     --init "$runs/stage3/model" --seed 4 --high-noise-share 0.5 --motion-share 0.75 --action-share 0.1
+# Stages 5-6: the time-reversal contrast teaches the sign of the direction words (README, "The default model"); a
+# short EMA, and in stage 6 only noisy timesteps, where the caption must decide the motion.
+python -m vidrd_rt.training.train --out "$runs/stage5" --device cuda --vae-minutes 0 --unet-minutes 6.6 \
+    --init "$runs/stage4/model" --seed 6 --high-noise-share 0.5 --motion-share 0.75 --action-share 0.1 \
+    --reversal-weight 0.1 --ema-decay 0.99
+python -m vidrd_rt.training.train --out "$runs/stage6" --device cuda --vae-minutes 0 --unet-minutes 4.6 \
+    --init "$runs/stage5/model" --seed 7 --high-noise-share 0.5 --motion-share 0.75 --action-share 0.1 \
+    --reversal-weight 0.1 --ema-decay 0.99 --reversal-min-timestep 600
 rm -rf runtime/assets/default_model.new
-cp -r "$runs/stage4/model" runtime/assets/default_model.new
+cp -r "$runs/stage6/model" runtime/assets/default_model.new
 rm -rf runtime/assets/default_model && mv runtime/assets/default_model.new runtime/assets/default_model
 echo "installed runtime/assets/default_model"

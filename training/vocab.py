@@ -24,12 +24,23 @@ ACTIONS = ("bouncing", "growing", "shrinking")
 # Backgrounds are grey-scale or weakly tinted (low saturation).
 BACKGROUNDS = ("black", "white", "gray", "dark", "striped", "checkered", "dotted", "cloudy")
 CAMERA = ("zooming in", "zooming out", "panning left", "panning right", "panning up", "panning down")
+# Words whose meaning flips when a clip plays backwards ("zooming in" backwards is "zooming out").
+TIME_REVERSED_WORDS: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up",
+                                       "growing": "shrinking", "shrinking": "growing", "in": "out", "out": "in"}
 
 
 def motion_prompt(colour: str, shape: str, direction: str, background: str | None = None) -> str:
     """'a red circle moving right' (+ ' on a striped background')."""
     text = f"a {colour} {shape} moving {direction}"
     return f"{text} on a {background} background" if background else text
+
+
+def time_reversed_caption(caption: str) -> str | None:
+    """The caption of the same clip played backwards ('... moving left' -> '... moving right'), or None when no
+    word of it tells the arrow of time (a bouncing shape, a still scene, an empty caption)."""
+    words = caption.split()
+    flipped = [TIME_REVERSED_WORDS.get(w, w) for w in words]
+    return " ".join(flipped) if flipped != words else None
 
 
 def all_words() -> list[str]:
