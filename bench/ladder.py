@@ -2,7 +2,8 @@
 
 A spec is rows separated by commas; a row is a preset name with optional `:key=value` overrides, e.g.
 `authors,fp16,compiled,wavefront,compiled:inflight=16:name=k16,onnxruntime`. Keys: backend, dtype, decoder,
-inflight (alias k), engine_dir, compile_decoder and cudnn_benchmark (yes/no), name. `wavefront` expands to one compiled row per K in the K list.
+inflight (alias k), engine_dir, compile_decoder and cudnn_benchmark (yes/no), name. `wavefront` expands to one
+compiled row per K in the K list.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Row:
 
 
 def default_name(runtime: RuntimeConfig, preset: str) -> str:
-    """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder, -cudnn-benchmark when they differ)."""
+    """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder,
+    -cudnn-benchmark when they differ from the defaults)."""
     if preset == "authors":
         return "authors"
     name = f"{runtime.backend}-{runtime.dtype}"

@@ -203,9 +203,9 @@ def test_reversal_batch_takes_only_captions_with_a_reversed_version(tmp_path):
 
 
 def test_caption_probe_sees_the_words_the_shipped_model_uses():
-    """The probe behind README's account of the direction words: on the shipped model, a wrong axis or no caption
-    and the time-reversed caption must cost clearly more error than the true one at a mid timestep (a probe that compared a caption with
-    itself would give 1.0 everywhere)."""
+    """The probe behind README's account of the direction words: on the shipped model, a wrong axis, no caption and
+    the time-reversed caption must each cost clearly more error than the true caption at a mid timestep (a probe
+    that compared a caption with itself would give 1.0 everywhere)."""
     from vidrd_rt.bench.caption_probe import other_axis_caption, probe
 
     assert other_axis_caption("a red circle moving left on a dark background") == \

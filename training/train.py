@@ -65,8 +65,9 @@ class TrainConfig:
     reversal_sharpness: float = 50.0
     # Only clips drawn at or above this timestep get the contrast: below it the noisy clip already shows its motion,
     # and the contrast can be met by checking the caption against it instead of drawing the motion it asks for.
-    # Measured (stage 6): 600 and 0 gave the same direction accuracy. Above ~700 the number of chosen clips varies
-    # from batch to batch, and cuDNN's autotuning of every new batch size halved the steps per minute.
+    # Measured (stage 6): 600 and 0 gave the same direction accuracy. At 800 the number of chosen clips varies from
+    # batch to batch and the run made half the steps (463 vs 967 in 4.6 min); likely cuDNN autotuning each new
+    # batch size (train() sets cudnn.benchmark), not measured.
     reversal_min_timestep: int = 0
 
 
