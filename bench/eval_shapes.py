@@ -212,6 +212,30 @@ def smoothness(frames: np.ndarray, track: np.ndarray, pairs: Sequence[tuple[int,
     return out
 
 
+def room_ahead(track: np.ndarray, pairs: Sequence[tuple[int, int]], direction: str, height: int,
+               width: int) -> np.ndarray:
+    """float [len(pairs)]: px between the object in each seam's last old frame and the frame edge the prompt moves
+    it toward (NaN without a centroid). Little room means the prompt cannot be followed without leaving the frame,
+    and the model (trained on objects that enter from the far edge) starts the next clip over."""
+    dx, dy = DIRECTIONS[direction]
+    room = []
+    for i, _ in pairs:
+        x, y = track[i]
+        room.append((width - 1 - x) if dx > 0 else x if dx < 0 else (height - 1 - y) if dy > 0 else y)
+    return np.asarray(room, dtype=np.float64)
+
+
+def seams_with_room(track: np.ndarray, pairs: Sequence[tuple[int, int]], direction: str, height: int, width: int,
+                    new_frames: int, within_step: Optional[float]) -> dict:
+    """Boundary centroid jumps split by whether the object had room for the next clip's motion (within-clip step x
+    the frames a clip adds). Separates jumps that sampling causes from restarts that the frame edge forces."""
+    if not pairs or within_step is None:
+        return {"jumps": [], "has_room": []}
+    jumps = centroid_steps(track)[[i for i, _ in pairs]]
+    has_room = room_ahead(track, pairs, direction, height, width) >= within_step * new_frames  # NaN -> False
+    return {"jumps": jumps.tolist(), "has_room": has_room.tolist()}
+
+
 ##### one video
 
 
@@ -233,6 +257,11 @@ def score_video(frames: np.ndarray, colour: str, direction: str, N: int, M: int,
     mask, track = object_mask(frames), centroid_track(frames)
     spans = [s for s in clip_spans(clips, N, M, drop_overlap) if s[1] > s[0]]
     per_clip = [clip_labels(frames, mask, track, span, colour, direction) for span in spans]
+    pairs = boundary_pairs(clips, N, M, drop_overlap)
+    smooth = smoothness(frames, track, pairs, direction)
+    new_frames = N - M if drop_overlap else N
+    seams = seams_with_room(track, pairs, direction, frames.shape[1], frames.shape[2], new_frames,
+                            smooth["centroid_step"]["within"])
     return {
         "clips": clips,
         "per_clip": per_clip,
@@ -240,7 +269,9 @@ def score_video(frames: np.ndarray, colour: str, direction: str, N: int, M: int,
         "direction_ok": _mean([c["direction_ok"] for c in per_clip]),
         "first_colour_ok": per_clip[0]["colour_ok"],
         "first_direction_ok": per_clip[0]["direction_ok"],
-        **smoothness(frames, track, boundary_pairs(clips, N, M, drop_overlap), direction),
+        **smooth,
+        "seams": seams,
+        "track": np.round(track, 1).tolist(),  # [F, 2] (x, y) per output frame, for later analysis
     }
 
 
@@ -389,6 +420,12 @@ def summarise(config: EvalConfig, scores: list[dict]) -> dict:
         within, boundary = (_mean([s[stat][k] for s in scores]) for k in ("within", "boundary"))
         row.update({f"{stat}_within": within, f"{stat}_boundary": boundary,
                     f"{stat}_ratio": _ratio(boundary, within)})
+    seams = [(j, ok) for s in scores for j, ok in zip(s["seams"]["jumps"], s["seams"]["has_room"])
+             if j is not None and math.isfinite(j)]
+    with_room = [j for j, ok in seams if ok]
+    row["seams_with_room"] = _mean([ok for _, ok in seams])
+    row["centroid_step_boundary_room"] = _mean(with_room)  # pooled over seams, not a mean of per-video means
+    row["centroid_step_ratio_room"] = _ratio(row["centroid_step_boundary_room"], row["centroid_step_within"])
     return {**row, "videos": scores}
 
 
@@ -401,6 +438,7 @@ COLUMNS = [  # (key, header, format)
     ("frame_diff_ratio", "frame diff ratio", ".2f"), ("centroid_step_within", "centroid step within (px)", ".2f"),
     ("centroid_step_boundary", "centroid jump boundary (px)", ".2f"), ("centroid_step_ratio", "centroid ratio", ".2f"),
     ("along_direction_boundary", "boundary step along prompt (px)", ".2f"),
+    ("seams_with_room", "seams with room", ".2f"), ("centroid_step_ratio_room", "centroid ratio, seams with room", ".2f"),
 ]
 
 
@@ -420,7 +458,9 @@ def markdown(doc: dict) -> str:
             f"{s['frames']} frames, {s['steps']} steps, CFG {s['guidance']}, seed {s['seed']}+prompt index, "
             f"{s['device']} {s['dtype']}. Accuracies: share of (prompt, clip) pairs right; frame diff in 0-255 "
             f"levels; ratio = boundary / within. Rows with drop_overlap=False: the boundary pair is the previous "
-            f"clip's last frame and the FNR copy of it, so it measures how well FNR re-creates that frame.")
+            f"clip's last frame and the FNR copy of it, so it measures how well FNR re-creates that frame. Seams with room: "
+            f"share of seams where the object had room ahead (toward the prompted edge) for the next clip's motion; "
+            f"the last column is the centroid ratio over those seams alone.")
     lines = ["# vidrd-rt eval", "", head, "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in COLUMNS) + "|"]

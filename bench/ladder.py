@@ -2,8 +2,8 @@
 
 A spec is rows separated by commas; a row is a preset name with optional `:key=value` overrides, e.g.
 `authors,fp16,compiled,wavefront,compiled:inflight=16:name=k16,onnxruntime`. Keys: backend, dtype, decoder,
-inflight (alias k), engine_dir, compile_decoder and cudnn_benchmark (yes/no), name. `wavefront` expands to one
-compiled row per K in the K list.
+inflight (alias k), engine_dir, compile_decoder, cudnn_benchmark, coordinate_descent and freezing (yes/no), name.
+`wavefront` expands to one compiled row per K in the K list.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PRESETS: dict[str, dict] = {
     "tensorrt": {"backend": "tensorrt"},
     "trt": {"backend": "tensorrt"},
 }
-_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no"}  # RuntimeConfig booleans (yes/no) and defaults
+_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no"}  # RuntimeConfig booleans (yes/no) and defaults
 _KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES}
 
 
@@ -51,7 +51,7 @@ class Row:
 
 def default_name(runtime: RuntimeConfig, preset: str) -> str:
     """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder,
-    -cudnn-benchmark when they differ from the defaults)."""
+    -cudnn-benchmark, -coordinate-descent, -frozen when they differ from the defaults)."""
     if preset == "authors":
         return "authors"
     name = f"{runtime.backend}-{runtime.dtype}"
@@ -63,6 +63,10 @@ def default_name(runtime: RuntimeConfig, preset: str) -> str:
         name += "-eager-decoder"
     if runtime.cudnn_benchmark:
         name += "-cudnn-benchmark"
+    if runtime.coordinate_descent:
+        name += "-coordinate-descent"
+    if runtime.freezing:
+        name += "-frozen"
     return name
 
 

@@ -231,6 +231,8 @@ def make_compiled_backends(model: VidRDModel, runtime: RuntimeConfig, settings: 
                            on_compile: Optional[Callable[[dict], None]] = None):
     """(CompiledDenoiser, decoder) for `--backend compiled`: the decoder compiled too unless runtime says not.
     Both log their compiles into the denoiser's compile_log, so compile time is counted once, apart from run time."""
+    settings = settings or CompileSettings(coordinate_descent_tuning=runtime.coordinate_descent,
+                                           freezing=runtime.freezing)
     denoiser = CompiledDenoiser(model, runtime, settings, on_compile)
     if not runtime.compile_decoder:
         return denoiser, TorchDecoder(model, runtime)

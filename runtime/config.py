@@ -278,6 +278,11 @@ class RuntimeConfig:
     # instead of picking one by heuristics. Process-wide (torch.backends.cudnn.benchmark), set when a pipeline is built.
     # Off: measured no faster for vidrd-base, compiled, K=1 and K=4 (bench/RESULTS.md).
     cudnn_benchmark: bool = False
+    # Backend "compiled" only (runtime/compiled.py CompileSettings): Inductor's coordinate-descent search of Triton
+    # block sizes for the fused normalisation/elementwise kernels (a longer compile), and freezing (weights folded
+    # into the graph as constants; a second copy of the weights while compiling). Off until measured faster.
+    coordinate_descent: bool = False
+    freezing: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -122,6 +122,10 @@ def test_ladder_spec():
     assert [r.runtime.compile_decoder for r in both] == [True, False]
     assert rows[1].runtime.cudnn_benchmark is False
     assert parse_ladder("fp16:cudnn_benchmark=yes", "cuda")[0].name == "torch-fp16-cudnn-benchmark"
+    tuned = parse_ladder("compiled:coordinate_descent=yes,compiled:freezing=yes", "cuda")
+    assert [r.name for r in tuned] == ["compiled-fp16-coordinate-descent", "compiled-fp16-frozen"]
+    assert (tuned[0].runtime.coordinate_descent, tuned[0].runtime.freezing) == (True, False)
+    assert (tuned[1].runtime.coordinate_descent, tuned[1].runtime.freezing) == (False, True)
     for bad in ("warp", "fp16:colour=red", "fp16,fp16", "fp16:k=two", "compiled:compile_decoder=maybe"):
         with pytest.raises(ConfigError):
             parse_ladder(bad, "cpu")

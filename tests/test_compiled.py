@@ -97,6 +97,9 @@ def test_compiled_decoder_matches_eager_and_hands_back_its_own_copies(compiled_t
         assert (got - want).abs().max().item() < 1e-4
     _, plain = make_compiled_backends(compiled_tiny.model, RuntimeConfig(backend="compiled", compile_decoder=False))
     assert isinstance(plain, TorchDecoder)
+    tuned, _ = make_compiled_backends(compiled_tiny.model, RuntimeConfig(backend="compiled", coordinate_descent=True,
+                                                                         freezing=True))
+    assert tuned.settings.coordinate_descent_tuning and tuned.settings.freezing  # nothing compiles until called
 
 
 def test_a_graph_break_is_an_error():

@@ -160,6 +160,23 @@ def test_jump_at_the_boundary_gives_a_large_ratio(drop, jump):
     assert score["direction_ok"] == 1.0  # the seams do not confuse the per-clip direction
 
 
+def test_seams_with_room_split_edge_restarts_from_sampling_jumps():
+    score = ev.score_video(clip_video(False, 8.0), "orange", "right", 8, 2, False)
+    assert score["seams"]["has_room"] == [True, True]  # x ends near 37 of 64: room for 8 more frames at 1.2 px
+    assert score["seams"]["jumps"] == pytest.approx([9.2, 9.2], abs=0.3)
+    # Same video, prompt "left": the object moved right, so at each seam it has room to go left, and "up": it sits
+    # at y = 32, half the frame ahead of it. Near the right edge moving right there is no room.
+    assert ev.room_ahead(np.array([[60.0, 32.0], [61.0, 32.0]]), [(0, 1)], "right", 64, 64)[0] == pytest.approx(3.0)
+    assert ev.room_ahead(np.array([[60.0, 32.0], [61.0, 32.0]]), [(0, 1)], "left", 64, 64)[0] == 60.0
+    edge = ev.seams_with_room(np.array([[55.0, 32.0], [56.0, 32.0], [10.0, 32.0]]), [(1, 2)], "right", 64, 64,
+                              new_frames=8, within_step=1.0)
+    assert edge == {"jumps": [46.0], "has_room": [False]}
+    rows = ev.summarise(ev.EvalConfig("x"), [score, dict(score, seams=edge)])
+    assert rows["seams_with_room"] == pytest.approx(2 / 3)
+    assert rows["centroid_step_boundary_room"] == pytest.approx(9.2, abs=0.3)  # the edge restart is left out
+    assert rows["centroid_step_ratio_room"] == pytest.approx(rows["centroid_step_boundary_room"] / 1.2, rel=0.1)
+
+
 def test_single_clip_has_no_boundary_ratio():
     score = ev.score_video(clip_video(False, 0.0, clips=1), "orange", "right", 8, 2, False)
     assert score["frame_diff"]["boundary"] is None and score["frame_diff"]["ratio"] is None
