@@ -236,6 +236,22 @@ def seams_with_room(track: np.ndarray, pairs: Sequence[tuple[int, int]], directi
     return {"jumps": jumps.tolist(), "has_room": has_room.tolist()}
 
 
+def near_seam(track: np.ndarray, pairs: Sequence[tuple[int, int]], overlap: int) -> dict:
+    """Per seam, the largest centroid step over the seam pair and the overlap (M) pairs after it ("max", NaN if
+    none), and the mean step over all other pairs ("away"). With all frames kept, a strong DSG turns the seam pair
+    itself into a near copy and moves the jump into the new clip's first frames; this catches it there, and keeps
+    the moved jump out of the yardstick."""
+    steps = centroid_steps(track)  # [F-1]
+    near = np.zeros(len(steps), dtype=bool)
+    largest = []
+    for i, _ in pairs:
+        near[i : i + overlap + 1] = True
+        window = steps[i : i + overlap + 1]
+        window = window[np.isfinite(window)]
+        largest.append(float(window.max()) if len(window) else math.nan)
+    return {"max": largest, "away": _mean(steps[~near])}
+
+
 ##### one video
 
 
@@ -264,6 +280,7 @@ def score_video(frames: np.ndarray, colour: str, direction: str, N: int, M: int,
                             smooth["centroid_step"]["within"])
     return {
         "clips": clips,
+        "near_seam": near_seam(track, pairs, M),
         "per_clip": per_clip,
         "colour_ok": _mean([c["colour_ok"] for c in per_clip]),  # share of clips
         "direction_ok": _mean([c["direction_ok"] for c in per_clip]),
@@ -316,6 +333,10 @@ def ablation_configs(quick: bool = False) -> list[EvalConfig]:
         *(EvalConfig(f"beta={b:g}", beta=b) for b in (0.2, 0.6, 0.8)),
         EvalConfig("fnr+pns+dsg/drop-overlap", drop_overlap=True),
         EvalConfig("fnr+pns+dsg/per-frame-decoder", decoder="per-frame"),
+        # beta 1 holds frame 0 of each new clip for every step: with all frames kept the seam pair is a copy and
+        # the jump moves into the new clip (the near-seam columns), with drop-overlap it stays at the seam.
+        EvalConfig("beta=1", beta=1.0),
+        EvalConfig("beta=1/drop-overlap", beta=1.0, drop_overlap=True),
     ]
 
 
@@ -426,6 +447,9 @@ def summarise(config: EvalConfig, scores: list[dict]) -> dict:
     row["seams_with_room"] = _mean([ok for _, ok in seams])
     row["centroid_step_boundary_room"] = _mean(with_room)  # pooled over seams, not a mean of per-video means
     row["centroid_step_ratio_room"] = _ratio(row["centroid_step_boundary_room"], row["centroid_step_within"])
+    row["near_seam_max"] = _mean([m for s in scores for m in s["near_seam"]["max"]])  # pooled over seams
+    row["near_seam_away"] = _mean([s["near_seam"]["away"] for s in scores])
+    row["near_seam_ratio"] = _ratio(row["near_seam_max"], row["near_seam_away"])
     return {**row, "videos": scores}
 
 
@@ -438,7 +462,9 @@ COLUMNS = [  # (key, header, format)
     ("frame_diff_ratio", "frame diff ratio", ".2f"), ("centroid_step_within", "centroid step within (px)", ".2f"),
     ("centroid_step_boundary", "centroid jump boundary (px)", ".2f"), ("centroid_step_ratio", "centroid ratio", ".2f"),
     ("along_direction_boundary", "boundary step along prompt (px)", ".2f"),
-    ("seams_with_room", "seams with room", ".2f"), ("centroid_step_ratio_room", "centroid ratio, seams with room", ".2f"),
+    ("seams_with_room", "seams with room", ".2f"),
+    ("centroid_step_ratio_room", "centroid ratio, seams with room", ".2f"),
+    ("near_seam_max", "largest step near seam (px)", ".2f"), ("near_seam_ratio", "near-seam ratio", ".2f"),
 ]
 
 
@@ -458,9 +484,12 @@ def markdown(doc: dict) -> str:
             f"{s['frames']} frames, {s['steps']} steps, CFG {s['guidance']}, seed {s['seed']}+prompt index, "
             f"{s['device']} {s['dtype']}. Accuracies: share of (prompt, clip) pairs right; frame diff in 0-255 "
             f"levels; ratio = boundary / within. Rows with drop_overlap=False: the boundary pair is the previous "
-            f"clip's last frame and the FNR copy of it, so it measures how well FNR re-creates that frame. Seams with room: "
-            f"share of seams where the object had room ahead (toward the prompted edge) for the next clip's motion; "
-            f"the last column is the centroid ratio over those seams alone.")
+            f"clip's last frame and the FNR copy of it, so it measures how well FNR re-creates that frame. Seams "
+            f"with room: share of seams where the object had room ahead (toward the prompted edge) for the next "
+            f"clip's motion; "
+            f"the next column is the centroid ratio over those seams alone. Largest step near seam: the largest "
+            f"centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
+            f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs.")
     lines = ["# vidrd-rt eval", "", head, "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in COLUMNS) + "|"]

@@ -177,6 +177,18 @@ def test_seams_with_room_split_edge_restarts_from_sampling_jumps():
     assert rows["centroid_step_ratio_room"] == pytest.approx(rows["centroid_step_boundary_room"] / 1.2, rel=0.1)
 
 
+def test_near_seam_window_catches_a_jump_moved_past_a_copied_seam_frame():
+    # Clip 0 ends at x = 10; the seam pair is a copy (x = 10 again), then the new clip jumps to 20 and moves on.
+    track = np.array([[8.0, 5.0], [9.0, 5.0], [10.0, 5.0], [10.0, 5.0], [20.0, 5.0], [21.0, 5.0]])
+    assert ev.near_seam(track, [(2, 3)], overlap=1) == {"max": [10.0], "away": 1.0}
+    assert ev.near_seam(track, [(2, 3)], overlap=0)["max"] == [0.0]  # the seam pair alone sees no jump
+    score = ev.score_video(clip_video(False, 8.0), "orange", "right", 8, 2, False)
+    assert score["near_seam"]["max"] == pytest.approx([9.2, 9.2], abs=0.3)
+    assert score["near_seam"]["away"] == pytest.approx(1.2, abs=0.1)
+    row = ev.summarise(ev.EvalConfig("x"), [score])
+    assert row["near_seam_ratio"] == pytest.approx(9.2 / 1.2, rel=0.1)
+
+
 def test_single_clip_has_no_boundary_ratio():
     score = ev.score_video(clip_video(False, 0.0, clips=1), "orange", "right", 8, 2, False)
     assert score["frame_diff"]["boundary"] is None and score["frame_diff"]["ratio"] is None
@@ -231,7 +243,8 @@ def test_run_eval_tiny_random_model(tmp_path, one_thread):
     for row in doc["rows"]:
         assert len(row["videos"]) == 2 and all(len(v["per_clip"]) == 2 for v in row["videos"])
         for key in ("colour_acc", "direction_acc", "frame_diff_within", "frame_diff_boundary", "frame_diff_ratio",
-                    "centroid_step_within", "centroid_step_boundary", "centroid_step_ratio"):
+                    "centroid_step_within", "centroid_step_boundary", "centroid_step_ratio", "seams_with_room",
+                    "centroid_step_ratio_room", "near_seam_max", "near_seam_away", "near_seam_ratio"):
             assert key in row
         assert row["frame_diff_within"] is not None and row["frame_diff_boundary"] is not None
         assert _numbers_ok(row)
