@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from vidrd_rt.bench import eval_shapes as ev
 from vidrd_rt.runtime.config import ConfigError
@@ -275,3 +276,12 @@ def test_eval_command_rejects_bad_choices(tmp_path, capsys):
     code, _, err = run_cli(["eval", "--rows", "nonsense", "--json", str(tmp_path / "e.json")], capsys)
     assert code == 2 and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_forward_order_experiment_maps_frames_as_documented():
+    from vidrd_rt.bench.overlap_order import last_frames, shifted_frames
+
+    x = torch.arange(6.0).reshape(1, 1, 6, 1, 1)  # frame i holds the value i
+    assert shifted_frames(x, 2).flatten().tolist() == [4, 5, 0, 1, 2, 3]  # new j <- old (j - 2) mod 6
+    assert last_frames(x, 2).flatten().tolist() == [4, 5]
+    assert shifted_frames(x, 2)[:, :, :2].equal(last_frames(x, 2))  # the head PNS keeps is the head DSG writes
