@@ -215,8 +215,8 @@ def smoothness(frames: np.ndarray, track: np.ndarray, pairs: Sequence[tuple[int,
 def room_ahead(track: np.ndarray, pairs: Sequence[tuple[int, int]], direction: str, height: int,
                width: int) -> np.ndarray:
     """float [len(pairs)]: px between the object in each seam's last old frame and the frame edge the prompt moves
-    it toward (NaN without a centroid). Little room means the prompt cannot be followed without leaving the frame,
-    and the model (trained on objects that enter from the far edge) starts the next clip over."""
+    it toward (NaN without a centroid). Little room means the prompt cannot be followed without leaving the frame:
+    the next clip then starts over (objects in training enter from the far edge) or turns back."""
     dx, dy = DIRECTIONS[direction]
     room = []
     for i, _ in pairs:
@@ -486,8 +486,8 @@ def markdown(doc: dict) -> str:
             f"levels; ratio = boundary / within. Rows with drop_overlap=False: the boundary pair is the previous "
             f"clip's last frame and the FNR copy of it, so it measures how well FNR re-creates that frame. Seams "
             f"with room: share of seams where the object had room ahead (toward the prompted edge) for the next "
-            f"clip's motion; "
-            f"the next column is the centroid ratio over those seams alone. Largest step near seam: the largest "
+            f"clip's motion; the next column is the centroid ratio over those seams alone. Largest step near seam: "
+            f"the largest "
             f"centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
             f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs.")
     lines = ["# vidrd-rt eval", "", head, "",

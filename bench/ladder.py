@@ -31,7 +31,8 @@ PRESETS: dict[str, dict] = {
     "tensorrt": {"backend": "tensorrt"},
     "trt": {"backend": "tensorrt"},
 }
-_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no"}  # RuntimeConfig booleans (yes/no) and defaults
+# RuntimeConfig booleans (yes/no) and their defaults.
+_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no"}
 _KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES}
 
 

@@ -7,7 +7,7 @@ frames in their own order, PNS frames j >= M mixing old frame j - M), always wit
 of a new clip repeat the old ones). It swaps two functions of runtime/reuse.py and runtime/sampler.py for this
 process only.
 
-    python -m vidrd_rt.bench.overlap_order --order forward --alpha 0 --json forward-a0.json   (CPU, ~7 min a row)
+    python -m vidrd_rt.bench.overlap_order --order forward --alpha 0 --json forward-a0.json   (CPU, 4-7 min a row)
 """
 
 from __future__ import annotations

@@ -165,8 +165,7 @@ def test_seams_with_room_split_edge_restarts_from_sampling_jumps():
     score = ev.score_video(clip_video(False, 8.0), "orange", "right", 8, 2, False)
     assert score["seams"]["has_room"] == [True, True]  # x ends near 37 of 64: room for 8 more frames at 1.2 px
     assert score["seams"]["jumps"] == pytest.approx([9.2, 9.2], abs=0.3)
-    # Same video, prompt "left": the object moved right, so at each seam it has room to go left, and "up": it sits
-    # at y = 32, half the frame ahead of it. Near the right edge moving right there is no room.
+    # Near the right edge, moving right leaves 3 px of room and moving left 60 px.
     assert ev.room_ahead(np.array([[60.0, 32.0], [61.0, 32.0]]), [(0, 1)], "right", 64, 64)[0] == pytest.approx(3.0)
     assert ev.room_ahead(np.array([[60.0, 32.0], [61.0, 32.0]]), [(0, 1)], "left", 64, 64)[0] == 60.0
     edge = ev.seams_with_room(np.array([[55.0, 32.0], [56.0, 32.0], [10.0, 32.0]]), [(1, 2)], "right", 64, 64,
