@@ -305,7 +305,7 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
         with torch.autocast(device_type=_device_type(cfg), dtype=torch.bfloat16, enabled=_cuda(cfg)):
             weights = latent_object_weights(video, latents.shape[-1], cfg.object_weight)
             loss, gap = diffusion_loss(model, latents, ids, alphas, cfg.min_snr_gamma, generator, weights,
-                                  cfg.high_noise_share, reversal)
+                                       cfg.high_noise_share, reversal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
