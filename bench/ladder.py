@@ -2,7 +2,8 @@
 
 A spec is rows separated by commas; a row is a preset name with optional `:key=value` overrides, e.g.
 `authors,fp16,compiled,wavefront,compiled:inflight=16:name=k16,onnxruntime`. Keys: backend, dtype, decoder,
-inflight (alias k), engine_dir, compile_decoder, cudnn_benchmark, coordinate_descent and freezing (yes/no), name.
+inflight (alias k), engine_dir, compile_decoder, cudnn_benchmark, coordinate_descent, freezing, fuse_projections
+and gemm_autotune (yes/no), name.
 `wavefront` expands to one compiled row per K in the K list.
 """
 
@@ -32,7 +33,8 @@ PRESETS: dict[str, dict] = {
     "trt": {"backend": "tensorrt"},
 }
 # RuntimeConfig booleans (yes/no) and their defaults.
-_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no"}
+_SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no",
+             "fuse_projections": "yes", "gemm_autotune": "no"}
 _KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES}
 
 
@@ -52,7 +54,8 @@ class Row:
 
 def default_name(runtime: RuntimeConfig, preset: str) -> str:
     """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder,
-    -cudnn-benchmark, -coordinate-descent, -frozen when they differ from the defaults)."""
+    -cudnn-benchmark, -coordinate-descent, -frozen, -unfused-qkv, -gemm-autotune when they differ from the
+    defaults)."""
     if preset == "authors":
         return "authors"
     name = f"{runtime.backend}-{runtime.dtype}"
@@ -68,6 +71,10 @@ def default_name(runtime: RuntimeConfig, preset: str) -> str:
         name += "-coordinate-descent"
     if runtime.freezing:
         name += "-frozen"
+    if runtime.backend == "compiled" and not runtime.fuse_projections:
+        name += "-unfused-qkv"
+    if runtime.gemm_autotune:
+        name += "-gemm-autotune"
     return name
 
 

@@ -53,6 +53,10 @@ class CompileSettings:
     conv_1x1_as_mm: bool = True
     # Coordinate-descent search of Triton block sizes: a few % faster kernels for a longer compile.
     coordinate_descent_tuning: bool = False
+    # Inductor GEMM autotuning (max_autotune_gemm) in the default mode, with our CUDA graphs: Triton GEMM templates
+    # benchmarked against cuBLAS per shape, with pointwise epilogues (bias, GEGLU gate, residual) fused into the
+    # chosen template. Convolutions keep cuDNN (no conv templates, unlike mode="max-autotune"). Longer compile.
+    gemm_autotune: bool = False
     # Inductor's on-disk caches (FX graphs, kernels, autotuning): a second run with the same model, shapes and
     # settings loads the compiled step in seconds. None: $VIDRD_RT_CACHE_DIR, else ~/.cache/vidrd-rt.
     cache_dir: Optional[str] = None
@@ -89,6 +93,13 @@ def apply_inductor_flags(settings: CompileSettings) -> None:
     inductor.freezing = settings.freezing
     inductor.conv_1x1_as_mm = settings.conv_1x1_as_mm
     inductor.coordinate_descent_tuning = settings.coordinate_descent_tuning
+    # Set on and off alike: a later step compiled without gemm_autotune must not inherit it. GEMM choices: cuBLAS
+    # and Triton templates (torch's default less CPP, whose templates are CPU-only). Convolution choices: with
+    # gemm_autotune, cuDNN only (max_autotune_gemm alone would also benchmark Triton conv templates); without it,
+    # torch's default, which only the max-autotune modes search.
+    inductor.max_autotune_gemm = settings.gemm_autotune
+    inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+    inductor.max_autotune_conv_backends = "ATEN" if settings.gemm_autotune else "ATEN,TRITON"
     layers.set_temporal_conv_form("compiled" if settings.temporal_conv_gemm else "never")
     torch._dynamo.config.suppress_errors = False  # a failure to compile is an error, never a silent eager fallback
     # Every pipeline, lane count and sampler setting compiles the same step code object once; the default limit of
@@ -230,9 +241,15 @@ class CompiledDecoder:
 def make_compiled_backends(model: VidRDModel, runtime: RuntimeConfig, settings: Optional[CompileSettings] = None,
                            on_compile: Optional[Callable[[dict], None]] = None):
     """(CompiledDenoiser, decoder) for `--backend compiled`: the decoder compiled too unless runtime says not.
-    Both log their compiles into the denoiser's compile_log, so compile time is counted once, apart from run time."""
+    Both log their compiles into the denoiser's compile_log, so compile time is counted once, apart from run time.
+    With runtime.fuse_projections the UNet's attention projections are fused in place (see below)."""
     settings = settings or CompileSettings(coordinate_descent_tuning=runtime.coordinate_descent,
-                                           freezing=runtime.freezing)
+                                           freezing=runtime.freezing, gemm_autotune=runtime.gemm_autotune)
+    if runtime.fuse_projections:
+        # The model arrives loaded in the run's dtype on its device (load_model, then prepare_for_device, which
+        # leaves the 2-D projection weights alone). Fusing stays on the caller's model (to_q/to_k/to_v become
+        # views of the fused weights, Attention.fuse_projections): an eager use later runs the same maths.
+        layers.fuse_attention_projections(model.unet)
     denoiser = CompiledDenoiser(model, runtime, settings, on_compile)
     if not runtime.compile_decoder:
         return denoiser, TorchDecoder(model, runtime)

@@ -283,6 +283,14 @@ class RuntimeConfig:
     # into the graph as constants; a second copy of the weights while compiling). Off until measured faster.
     coordinate_descent: bool = False
     freezing: bool = False
+    # Backend "compiled" only: the UNet's attention input projections as one GEMM each (q, k, v fused for self- and
+    # Temp-Attn, k and v for cross-attention; runtime/layers.py Attention.fuse_projections): the activations are
+    # read once instead of three times and N = 3C fills the GPU better at the small 8x8/16x16 levels. Same maths.
+    # Measured (H200, bench/RESULTS.md sixth session): 0.4-1.4% more frames/s at K = 1, 4, 8, +73 MiB peak.
+    fuse_projections: bool = True
+    # Backend "compiled" only (CompileSettings.gemm_autotune): Inductor benchmarks Triton GEMM templates against
+    # cuBLAS per shape, fusing pointwise epilogues into the chosen one; convolutions stay cuDNN. Longer compile.
+    gemm_autotune: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

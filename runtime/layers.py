@@ -209,29 +209,77 @@ def use_triton_temporal_conv(x: torch.Tensor) -> bool:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' key names (to_q, to_k, to_v, to_out.0); softmax through SDPA."""
+    """Multi-head attention with diffusers' key names (to_q, to_k, to_v, to_out.0); softmax through SDPA.
+
+    After fuse_projections() the input projections run as one GEMM: q, k and v from x for self-attention, k and v
+    from the context for cross-attention (see there)."""
 
     def __init__(self, query_dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
         super().__init__()
+        self.is_self_attention = context_dim is None  # k and v from x: q, k, v can share one GEMM
         context_dim = context_dim or query_dim
         self.heads = heads
         self.to_q = nn.Linear(query_dim, query_dim, bias=bias)
         self.to_k = nn.Linear(context_dim, query_dim, bias=bias)
         self.to_v = nn.Linear(context_dim, query_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim), nn.Dropout(0.0)])
+        # Fused projections (fuse_projections), None until fused: non-persistent, so state_dict() and checkpoint
+        # loading see only the to_q/to_k/to_v keys. Self-attention fills qkv_*, cross-attention kv_*.
+        for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias"):
+            self.register_buffer(name, None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate the input projections once: self-attention -> qkv_weight [3C, C] (rows q; k; v), cross-
+        attention -> kv_weight [2C, Cctx] (rows k; v; q stays to_q). One GEMM with N = 3C (2C) reads the
+        activations once instead of three (two) times and fills the GPU better at the small 8x8 and 16x16 levels.
+
+        The projections' own weights then become views of the fused buffers, so no second copy is kept and an
+        in-place change of them (load_state_dict copies into them) reaches the fused GEMM too. Call after the final
+        dtype/device cast (the compiled backend does): module.to() makes new tensors, which still agree but no
+        longer share memory. Calling again re-fuses. Exports never use the fused buffers.
+        """
+        projections = (self.to_q, self.to_k, self.to_v) if self.is_self_attention else (self.to_k, self.to_v)
+        weight = torch.cat([p.weight for p in projections])  # [3C, C] or [2C, Cctx]
+        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])  # [3C] or [2C]
+        prefix = "qkv" if self.is_self_attention else "kv"
+        self.register_buffer(f"{prefix}_weight", weight, persistent=False)
+        self.register_buffer(f"{prefix}_bias", bias, persistent=False)
+        for i, p in enumerate(projections):  # each projection's parameters become views of rows of the fused ones
+            rows = slice(i * p.out_features, (i + 1) * p.out_features)
+            p.weight = nn.Parameter(weight[rows], requires_grad=p.weight.requires_grad)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[rows], requires_grad=p.bias.requires_grad)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q = self._split_heads(self.to_q(x))  # (N, heads, L, d)
-        k = self._split_heads(self.to_k(context))  # (N, heads, S, d)
-        v = self._split_heads(self.to_v(context))  # (N, heads, S, d)
+        q, k, v = self._project(x, context)  # (N, L, C), (N, S, C), (N, S, C)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, heads, L or S, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, d), scale d**-0.5 as in the authors' code
         n, _, seq, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(n, seq, -1))  # (N, L, C)
 
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple:
+        """q (N, L, C), k and v (N, S, C): fused when fuse_projections() ran and the call is of the fused kind (a
+        self-attention module called with a context runs unfused), never while exporting (the engines get the
+        reference ops, and the exported weights stay the to_q/to_k/to_v initialisers)."""
+        if context is None and self.qkv_weight is not None and not _exporting():
+            return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)  # views of (N, L, 3C)
+        if context is not None and self.kv_weight is not None and not _exporting():
+            return (self.to_q(x), *F.linear(context, self.kv_weight, self.kv_bias).chunk(2, dim=-1))  # (N, S, 2C)
+        context = x if context is None else context
+        return self.to_q(x), self.to_k(context), self.to_v(context)
+
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         n, seq, c = t.shape
         return t.view(n, seq, self.heads, c // self.heads).transpose(1, 2)
+
+
+def fuse_attention_projections(module: nn.Module) -> int:
+    """Attention.fuse_projections() on every Attention under `module` (after its final cast); how many."""
+    attentions = [m for m in module.modules() if isinstance(m, Attention)]
+    for attention in attentions:
+        attention.fuse_projections()
+    return len(attentions)
 
 
 class GEGLU(nn.Module):

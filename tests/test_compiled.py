@@ -100,6 +100,7 @@ def test_compiled_decoder_matches_eager_and_hands_back_its_own_copies(compiled_t
     tuned, _ = make_compiled_backends(compiled_tiny.model, RuntimeConfig(backend="compiled", coordinate_descent=True,
                                                                          freezing=True))
     assert tuned.settings.coordinate_descent_tuning and tuned.settings.freezing  # nothing compiles until called
+    assert not tuned.settings.gemm_autotune
 
 
 def test_a_graph_break_is_an_error():
@@ -120,11 +121,37 @@ def test_settings_are_checked_and_applied_in_one_place(tmp_path):
         CompileSettings(mode="fastest")
     settings = CompileSettings(cache_dir=str(tmp_path), conv_1x1_as_mm=False)
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    inductor = torch._inductor.config
     try:
         apply_inductor_flags(settings)
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
-        assert torch._inductor.config.conv_1x1_as_mm is False and torch._inductor.config.fx_graph_cache is True
+        assert inductor.conv_1x1_as_mm is False and inductor.fx_graph_cache is True
+        assert inductor.max_autotune_gemm is False
+        apply_inductor_flags(CompileSettings(cache_dir=str(tmp_path), gemm_autotune=True))
+        assert inductor.max_autotune_gemm is True and inductor.max_autotune is False  # GEMMs only, default mode
+        assert (inductor.max_autotune_gemm_backends, inductor.max_autotune_conv_backends) == ("ATEN,TRITON", "ATEN")
+        apply_inductor_flags(settings)  # Inductor's config is process-wide: a later step without it turns it off
+        assert inductor.max_autotune_gemm is False and inductor.max_autotune_conv_backends == "ATEN,TRITON"
     finally:
         apply_inductor_flags(CompileSettings())
         if previous is not None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def test_projections_are_fused_by_default_and_can_stay_apart(compiled_tiny):
+    """fuse_projections (on by default) fuses the UNet's attention projections before compiling, so every compiled
+    test here runs fused weights against the unfused eager truth; off, a model stays as loaded. gemm_autotune
+    reaches the settings."""
+    from vidrd_rt.runtime.compiled import make_compiled_backends
+    from vidrd_rt.runtime.config import RuntimeConfig
+    from vidrd_rt.runtime.layers import Attention
+
+    def fused(model) -> list[bool]:
+        return [a.qkv_weight is not None or a.kv_weight is not None
+                for a in model.unet.modules() if isinstance(a, Attention)]
+
+    assert all(fused(compiled_tiny.model)) and len(fused(compiled_tiny.model)) > 0
+    model = fresh_tiny()
+    tuned, _ = make_compiled_backends(model, RuntimeConfig(backend="compiled", fuse_projections=False,
+                                                           gemm_autotune=True))
+    assert tuned.settings.gemm_autotune and not any(fused(model))  # nothing compiles until called
