@@ -284,3 +284,33 @@ def test_forward_order_experiment_maps_frames_as_documented():
     assert shifted_frames(x, 2).flatten().tolist() == [4, 5, 0, 1, 2, 3]  # new j <- old (j - 2) mod 6
     assert last_frames(x, 2).flatten().tolist() == [4, 5]
     assert shifted_frames(x, 2)[:, :, :2].equal(last_frames(x, 2))  # the head PNS keeps is the head DSG writes
+
+
+@torch.no_grad()
+def test_continuation_guidance_experiment_is_the_sampler_at_weight_zero(one_thread):
+    """bench/continuation_guidance.py: at w_r = 0 its loop gives the sampler's clips bit for bit; at w_r > 0 the
+    first clip (no predecessor) is unchanged and later clips move."""
+    from conftest import fresh_tiny
+
+    from vidrd_rt.bench.continuation_guidance import make_guided_sampler
+    from vidrd_rt.runtime.config import RuntimeConfig, SamplerConfig
+    from vidrd_rt.runtime.noise import TorchNoise
+    from vidrd_rt.runtime.pipeline import VideoPipeline
+    from vidrd_rt.runtime.sampler import sample_clip
+
+    model = fresh_tiny()
+    pipeline = VideoPipeline(model, RuntimeConfig())
+    cfg = SamplerConfig(clips=2, frames=4, overlap=2, steps=3, guidance=5.0, seed=1)
+    table, _ = pipeline.step_for(cfg)
+    context = torch.randn(2, 77, model.config.unet.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+
+    def clips(sample) -> list[torch.Tensor]:
+        state = pipeline.new_state(cfg, model.config.height, model.config.width)
+        noise = TorchNoise(cfg.seed)
+        return [sample(pipeline.denoise, table, state, context, cfg, noise) for _ in range(cfg.clips)]
+
+    reference = clips(sample_clip)
+    assert all(torch.equal(a, b) for a, b in zip(clips(make_guided_sampler(0.0, None)), reference))
+    guided = clips(make_guided_sampler(5.0, None))
+    assert torch.equal(guided[0], reference[0])
+    assert (guided[1][:, :, 2:] - reference[1][:, :, 2:]).abs().max() > 1e-3
