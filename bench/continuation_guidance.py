@@ -9,28 +9,26 @@ the model's estimate of the conditioning frames match them:
     x0_b <- x0_b - (w_r * sqrt(abar_t) / 2) * grad_{z_b} || x_a - x0_a(z_t) ||^2
 
 with x_a the previous clip's final (clean) latents of its last M frames, in the order DSG hands them over, and
-z_b the new clip's frames M..N-1. It needs a backward pass through the UNet per guided step, so it runs only on the
-eager torch backend. This swaps runtime/pipeline.py's sequential sampler for this process only.
+z_b the new clip's frames M..N-1. The DDIM update keeps the model's eps and uses the guided x0 (a variant of their
+sampler). It needs a backward pass through the UNet per guided step, so it runs only on the eager torch backend.
+This swaps runtime/pipeline.py's sequential sampler for this process only, and reuses the sampler's private helpers
+(an experiment, not an interface).
 
-    python -m vidrd_rt.bench.continuation_guidance --weight 4 --order forward --prompts quick --json rg.json
+    python -m vidrd_rt.bench.continuation_guidance --weight 0.25 --order forward --prompts quick --json rg.json
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from ..runtime import pipeline as pipeline_module
+from ..runtime import sampler as sampler_module
 from ..runtime.reuse import dsg_overwrite
 from ..runtime.sampler import _check_shapes, _dsg_plan, _start_latents, guided_output
 from ..runtime.weights import ModelSource
 from . import eval_shapes, overlap_order
-from ..runtime import sampler as sampler_module
-
-# id(ClipState) -> the previous clip's final latents of its last M frames in DSG's order [B, C, M, h, w]
-_TARGETS: dict[int, torch.Tensor] = {}
 
 
 def make_guided_sampler(weight: float, guided_steps: int | None):
@@ -39,8 +37,12 @@ def make_guided_sampler(weight: float, guided_steps: int | None):
     def sample_clip(denoise, table, state, context, cfg, noise, callback=None):
         mask, active, depth = _dsg_plan(cfg.steps, cfg.overlap, cfg.beta, state.prev_heads.device)
         _check_shapes(table, state, cfg, depth)
+        if table.prediction_type != "epsilon" or table.clip_sample:
+            raise ValueError("continuation guidance is written for epsilon prediction without clip_sample")
         reuse, M = state.clips_done > 0, cfg.overlap
-        target = _TARGETS.get(id(state)) if reuse else None
+        # The previous clip's final latents of its last M frames in DSG's order [B, C, M, h, w], kept on the state
+        # (a state resumed from disk has none, and its next clip runs unguided).
+        target = getattr(state, "guidance_target", None) if reuse else None
         unet, dtype = denoise.unet, denoise.dtype
         grad_denoise = lambda s, t, c: unet(s.to(dtype), t, c.to(dtype)).to(s.dtype)  # noqa: E731
         context = context.clone()  # a normal tensor: the encoder ran under inference_mode
@@ -75,7 +77,7 @@ def make_guided_sampler(weight: float, guided_steps: int | None):
             x = (sqrt_a_prev * x0 + sqrt_1ma_prev * eps).detach()  # DDIM, eta 0 (runtime/ddim.py)
             if callback is not None:
                 callback({"clip": state.clips_done, "step": i, "latents": x})
-        _TARGETS[id(state)] = sampler_module.reversed_head(x, M).clone()  # what the next clip's DSG order expects
+        state.guidance_target = sampler_module.reversed_head(x, M).clone()  # in the order the next clip's DSG uses
         state.clips_done += 1
         return x
 
@@ -84,7 +86,7 @@ def make_guided_sampler(weight: float, guided_steps: int | None):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weight", type=float, default=4.0, help="w_r; 0 = plain DSG through this loop")
+    p.add_argument("--weight", type=float, default=0.25, help="w_r; 0 = plain DSG through this loop")
     p.add_argument("--guided-steps", type=int, default=None, help="guide the first S steps (default all)")
     p.add_argument("--order", choices=("forward", "reversed"), default="forward")
     p.add_argument("--alpha", type=float, default=4.0)
@@ -97,8 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     drop = args.drop_overlap == "yes"
-    name = (f"rg={args.weight:g}/{args.order}/alpha={args.alpha:g}/beta={args.beta:g}"
-            + (f"/steps={args.guided_steps}" if args.guided_steps is not None else "") + ("/drop-overlap" if drop else ""))
+    steps = f"/steps={args.guided_steps}" if args.guided_steps is not None else ""
+    name = f"rg={args.weight:g}/{args.order}/alpha={args.alpha:g}/beta={args.beta:g}{steps}"
+    name += "/drop-overlap" if drop else ""
     row = eval_shapes.EvalConfig(name, alpha=args.alpha, beta=args.beta, drop_overlap=drop)
     if args.order == "forward":
         overlap_order.use_forward_order(row.overlap)

@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
 }
 # RuntimeConfig booleans (yes/no) and their defaults.
 _SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no",
-             "fuse_projections": "yes", "gemm_autotune": "no"}
+             "fuse_projections": "no", "gemm_autotune": "no"}
 _KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES}
 
 
@@ -54,7 +54,7 @@ class Row:
 
 def default_name(runtime: RuntimeConfig, preset: str) -> str:
     """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder,
-    -cudnn-benchmark, -coordinate-descent, -frozen, -unfused-qkv, -gemm-autotune when they differ from the
+    -cudnn-benchmark, -coordinate-descent, -frozen, -fused-qkv, -gemm-autotune when they differ from the
     defaults)."""
     if preset == "authors":
         return "authors"
@@ -71,9 +71,9 @@ def default_name(runtime: RuntimeConfig, preset: str) -> str:
         name += "-coordinate-descent"
     if runtime.freezing:
         name += "-frozen"
-    if runtime.backend == "compiled" and not runtime.fuse_projections:
-        name += "-unfused-qkv"
-    if runtime.gemm_autotune:
+    if runtime.backend == "compiled" and runtime.fuse_projections:
+        name += "-fused-qkv"
+    if runtime.backend == "compiled" and runtime.gemm_autotune:
         name += "-gemm-autotune"
     return name
 

@@ -93,12 +93,11 @@ def apply_inductor_flags(settings: CompileSettings) -> None:
     inductor.freezing = settings.freezing
     inductor.conv_1x1_as_mm = settings.conv_1x1_as_mm
     inductor.coordinate_descent_tuning = settings.coordinate_descent_tuning
-    # Set on and off alike: a later step compiled without gemm_autotune must not inherit it. GEMM choices: cuBLAS
-    # and Triton templates (torch's default less CPP, whose templates are CPU-only). Convolution choices: with
-    # gemm_autotune, cuDNN only (max_autotune_gemm alone would also benchmark Triton conv templates); without it,
-    # torch's default, which only the max-autotune modes search.
+    # Set on and off alike: a later step compiled without gemm_autotune must not inherit it. With it: GEMMs choose
+    # between cuBLAS and Triton templates, convolutions stay cuDNN (max_autotune_gemm alone would also benchmark
+    # Triton conv templates). Without it: torch's defaults, which only the max-autotune modes search.
     inductor.max_autotune_gemm = settings.gemm_autotune
-    inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+    inductor.max_autotune_gemm_backends = "ATEN,TRITON" if settings.gemm_autotune else "ATEN,TRITON,CPP"
     inductor.max_autotune_conv_backends = "ATEN" if settings.gemm_autotune else "ATEN,TRITON"
     layers.set_temporal_conv_form("compiled" if settings.temporal_conv_gemm else "never")
     torch._dynamo.config.suppress_errors = False  # a failure to compile is an error, never a silent eager fallback
@@ -248,7 +247,8 @@ def make_compiled_backends(model: VidRDModel, runtime: RuntimeConfig, settings: 
     if runtime.fuse_projections:
         # The model arrives loaded in the run's dtype on its device (load_model, then prepare_for_device, which
         # leaves the 2-D projection weights alone). Fusing stays on the caller's model (to_q/to_k/to_v become
-        # views of the fused weights, Attention.fuse_projections): an eager use later runs the same maths.
+        # views of the fused weights, Attention.fuse_projections): an eager use later runs the same maths, and a
+        # second backend over the same model finds it fused and leaves the weights where they are.
         layers.fuse_attention_projections(model.unet)
     denoiser = CompiledDenoiser(model, runtime, settings, on_compile)
     if not runtime.compile_decoder:

@@ -286,8 +286,9 @@ class RuntimeConfig:
     # Backend "compiled" only: the UNet's attention input projections as one GEMM each (q, k, v fused for self- and
     # Temp-Attn, k and v for cross-attention; runtime/layers.py Attention.fuse_projections): the activations are
     # read once instead of three times and N = 3C fills the GPU better at the small 8x8/16x16 levels. Same maths.
-    # Measured (H200, bench/RESULTS.md sixth session): 0.4-1.4% more frames/s at K = 1, 4, 8, +73 MiB peak.
-    fuse_projections: bool = True
+    # Measured (H200, bench/RESULTS.md sixth session): 0.4-1.4% more frames/s at K = 1, 4, 8, +73 MiB peak, the
+    # fused row second in every pair and within the spread between runs: not shown to help, so off.
+    fuse_projections: bool = False
     # Backend "compiled" only (CompileSettings.gemm_autotune): Inductor benchmarks Triton GEMM templates against
     # cuBLAS per shape, fusing pointwise epilogues into the chosen one; convolutions stay cuDNN. Longer compile.
     gemm_autotune: bool = False

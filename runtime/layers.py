@@ -236,10 +236,15 @@ class Attention(nn.Module):
 
         The projections' own weights then become views of the fused buffers, so no second copy is kept and an
         in-place change of them (load_state_dict copies into them) reaches the fused GEMM too. Call after the final
-        dtype/device cast (the compiled backend does): module.to() makes new tensors, which still agree but no
-        longer share memory. Calling again re-fuses. Exports never use the fused buffers.
+        dtype/device cast (the compiled backend does): module.to() makes new tensors, after which a weight change
+        no longer reaches the fused buffers until fuse_projections() runs again. While the views hold, calling
+        again does nothing, so a CUDA graph captured over the fused weights keeps valid addresses. Exports never
+        use the fused buffers.
         """
         projections = (self.to_q, self.to_k, self.to_v) if self.is_self_attention else (self.to_k, self.to_v)
+        fused = self.qkv_weight if self.is_self_attention else self.kv_weight
+        if fused is not None and projections[0].weight.data_ptr() == fused.data_ptr():
+            return  # already fused, and still sharing memory
         weight = torch.cat([p.weight for p in projections])  # [3C, C] or [2C, Cctx]
         bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])  # [3C] or [2C]
         prefix = "qkv" if self.is_self_attention else "kv"

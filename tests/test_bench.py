@@ -126,12 +126,12 @@ def test_ladder_spec():
     assert [r.name for r in tuned] == ["compiled-fp16-coordinate-descent", "compiled-fp16-frozen"]
     assert (tuned[0].runtime.coordinate_descent, tuned[0].runtime.freezing) == (True, False)
     assert (tuned[1].runtime.coordinate_descent, tuned[1].runtime.freezing) == (False, True)
-    fast = parse_ladder("compiled:fuse_projections=no,compiled:gemm_autotune=yes,fp16:fuse_projections=no", "cuda")
-    assert [r.name for r in fast] == ["compiled-fp16-unfused-qkv", "compiled-fp16-gemm-autotune", "torch-fp16"]
-    assert (fast[0].runtime.fuse_projections, fast[0].runtime.gemm_autotune) == (False, False)
-    assert (fast[1].runtime.fuse_projections, fast[1].runtime.gemm_autotune) == (True, True)
-    assert (rows[2].runtime.fuse_projections, rows[2].runtime.gemm_autotune) == (True, False)  # the defaults
-    assert fast[0].fields()["fuse_projections"] is False  # a column of the result rows
+    fast = parse_ladder("compiled:fuse_projections=yes,compiled:gemm_autotune=yes,fp16:fuse_projections=yes", "cuda")
+    assert [r.name for r in fast] == ["compiled-fp16-fused-qkv", "compiled-fp16-gemm-autotune", "torch-fp16"]
+    assert (fast[0].runtime.fuse_projections, fast[0].runtime.gemm_autotune) == (True, False)
+    assert (fast[1].runtime.fuse_projections, fast[1].runtime.gemm_autotune) == (False, True)
+    assert (rows[2].runtime.fuse_projections, rows[2].runtime.gemm_autotune) == (False, False)  # the defaults
+    assert fast[0].fields()["fuse_projections"] is True  # a column of the result rows
     for bad in ("warp", "fp16:colour=red", "fp16,fp16", "fp16:k=two", "compiled:compile_decoder=maybe"):
         with pytest.raises(ConfigError):
             parse_ladder(bad, "cpu")

@@ -97,8 +97,9 @@ def test_compiled_decoder_matches_eager_and_hands_back_its_own_copies(compiled_t
         assert (got - want).abs().max().item() < 1e-4
     _, plain = make_compiled_backends(compiled_tiny.model, RuntimeConfig(backend="compiled", compile_decoder=False))
     assert isinstance(plain, TorchDecoder)
+    # No compiled decoder: building one applies its Inductor flags at once, process-wide, for later tests too.
     tuned, _ = make_compiled_backends(compiled_tiny.model, RuntimeConfig(backend="compiled", coordinate_descent=True,
-                                                                         freezing=True))
+                                                                         freezing=True, compile_decoder=False))
     assert tuned.settings.coordinate_descent_tuning and tuned.settings.freezing  # nothing compiles until called
     assert not tuned.settings.gemm_autotune
 
@@ -132,26 +133,42 @@ def test_settings_are_checked_and_applied_in_one_place(tmp_path):
         assert (inductor.max_autotune_gemm_backends, inductor.max_autotune_conv_backends) == ("ATEN,TRITON", "ATEN")
         apply_inductor_flags(settings)  # Inductor's config is process-wide: a later step without it turns it off
         assert inductor.max_autotune_gemm is False and inductor.max_autotune_conv_backends == "ATEN,TRITON"
+        assert inductor.max_autotune_gemm_backends == "ATEN,TRITON,CPP"  # torch's default back
     finally:
         apply_inductor_flags(CompileSettings())
         if previous is not None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
-def test_projections_are_fused_by_default_and_can_stay_apart(compiled_tiny):
-    """fuse_projections (on by default) fuses the UNet's attention projections before compiling, so every compiled
-    test here runs fused weights against the unfused eager truth; off, a model stays as loaded. gemm_autotune
-    reaches the settings."""
+def test_fused_projections_compile_and_match_the_truth(compiled_tiny, truth):
+    """fuse_projections (off by default) fuses the UNet's attention projections before compiling; the step compiled
+    around them is as accurate as the unfused eager step, and reads the fused weights. gemm_autotune reaches the
+    settings."""
     from vidrd_rt.runtime.compiled import make_compiled_backends
     from vidrd_rt.runtime.config import RuntimeConfig
     from vidrd_rt.runtime.layers import Attention
+    from vidrd_rt.runtime.pipeline import VideoPipeline
 
-    def fused(model) -> list[bool]:
-        return [a.qkv_weight is not None or a.kv_weight is not None
-                for a in model.unet.modules() if isinstance(a, Attention)]
+    def attentions(model) -> list:
+        return [a for a in model.unet.modules() if isinstance(a, Attention)]
 
-    assert all(fused(compiled_tiny.model)) and len(fused(compiled_tiny.model)) > 0
-    model = fresh_tiny()
-    tuned, _ = make_compiled_backends(model, RuntimeConfig(backend="compiled", fuse_projections=False,
-                                                           gemm_autotune=True))
-    assert tuned.settings.gemm_autotune and not any(fused(model))  # nothing compiles until called
+    assert not any(a.qkv_weight is not None or a.kv_weight is not None for a in attentions(compiled_tiny.model))
+    tuned, _ = make_compiled_backends(fresh_tiny(), RuntimeConfig(backend="compiled", gemm_autotune=True,
+                                                                  compile_decoder=False))
+    assert tuned.settings.gemm_autotune  # nothing compiles until called
+    model = fresh_tiny()  # its own model: fusing turns to_q/to_k/to_v into views of the fused weights
+    pipeline = VideoPipeline(model, RuntimeConfig(backend="compiled", inflight=2, compile_decoder=False,
+                                                  fuse_projections=True))
+    assert all(a.qkv_weight is not None or a.kv_weight is not None for a in attentions(model))
+    _, step = pipeline.step_for(compiled_tiny.sampler)
+    reference = make_step(truth, compiled_tiny.table, compiled_tiny.sampler)
+    with torch.inference_mode():
+        inputs = compiled_tiny.inputs(3)
+        want, eager = reference(*inputs), compiled_tiny.eager_step(*inputs)  # eager: the unfused shared model
+        fast = step(*inputs)
+        assert torch.equal(fast[1], eager[1])
+        assert _rel(fast[0], want[0]) < max(3 * _rel(eager[0], want[0]), 1e-6) and _rel(fast[0], eager[0]) < 1e-4
+        for a in attentions(model):  # graph inputs, read at each call: the fused weights changed, the step changes
+            a.to_k.weight.mul_(2)  # a view of the fused weight: reaches the graph without re-fusing
+        assert _rel(step(*inputs)[0], fast[0]) > 1e-3
+    assert len(pipeline.denoise.compile_log) == 1

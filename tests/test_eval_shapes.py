@@ -288,8 +288,9 @@ def test_forward_order_experiment_maps_frames_as_documented():
 
 @torch.no_grad()
 def test_continuation_guidance_experiment_is_the_sampler_at_weight_zero(one_thread):
-    """bench/continuation_guidance.py: at w_r = 0 its loop gives the sampler's clips bit for bit; at w_r > 0 the
-    first clip (no predecessor) is unchanged and later clips move."""
+    """bench/continuation_guidance.py: at w_r = 0 its loop gives the sampler's clips bit for bit, and so does the
+    guided branch at a negligible w_r (its eps, x0 and DDIM update are the sampler's); at w_r > 0 the first clip (no
+    predecessor) is unchanged and later clips move."""
     from conftest import fresh_tiny
 
     from vidrd_rt.bench.continuation_guidance import make_guided_sampler
@@ -311,6 +312,7 @@ def test_continuation_guidance_experiment_is_the_sampler_at_weight_zero(one_thre
 
     reference = clips(sample_clip)
     assert all(torch.equal(a, b) for a, b in zip(clips(make_guided_sampler(0.0, None)), reference))
+    assert all(torch.equal(a, b) for a, b in zip(clips(make_guided_sampler(1e-12, None)), reference))
     guided = clips(make_guided_sampler(5.0, None))
     assert torch.equal(guided[0], reference[0])
     assert (guided[1][:, :, 2:] - reference[1][:, :, 2:]).abs().max() > 1e-3

@@ -107,3 +107,21 @@ def test_fused_weights_share_memory_with_the_projections_and_follow_loading():
     other = _attention(bias=True, seed=1)
     attention.load_state_dict(other.state_dict())
     assert _rel(attention(x), other(x)) < 1e-5
+
+
+@torch.no_grad()
+def test_fusing_again_keeps_the_weights_where_they_are_until_a_cast():
+    """A second fuse (a second backend over the same model) must not move the weights a captured CUDA graph reads;
+    after a cast the views are gone, and fusing again makes later loading reach the fused GEMM once more."""
+    attention = _attention()
+    x, _ = _inputs()
+    attention.fuse_projections()
+    address = attention.qkv_weight.data_ptr()
+    attention.fuse_projections()
+    assert attention.qkv_weight.data_ptr() == address == attention.to_q.weight.data_ptr()
+    attention.double()
+    attention.fuse_projections()
+    assert attention.to_q.weight.data_ptr() == attention.qkv_weight.data_ptr()
+    other = _attention(seed=1).double()
+    attention.load_state_dict(other.state_dict())
+    assert _rel(attention(x.double()), other(x.double())) < 1e-12
