@@ -3,7 +3,7 @@
 A spec is rows separated by commas; a row is a preset name with optional `:key=value` overrides, e.g.
 `authors,fp16,compiled,wavefront,compiled:inflight=16:name=k16,onnxruntime`. Keys: backend, dtype, decoder,
 inflight (alias k), engine_dir, compile_decoder, cudnn_benchmark, coordinate_descent, freezing, fuse_projections
-and gemm_autotune (yes/no), name.
+and gemm_autotune (yes/no), temporal_attention (sdpa, kernel, ...), temporal_conv (conv2d, conv3d), name.
 `wavefront` expands to one compiled row per K in the K list.
 """
 
@@ -35,7 +35,9 @@ PRESETS: dict[str, dict] = {
 # RuntimeConfig booleans (yes/no) and their defaults.
 _SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no",
              "fuse_projections": "no", "gemm_autotune": "no"}
-_KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES}
+# RuntimeConfig fields that take a word (checked by RuntimeConfig).
+_WORDS = ("temporal_attention", "temporal_conv")
+_KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES, *_WORDS}
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ class Row:
 
 def default_name(runtime: RuntimeConfig, preset: str) -> str:
     """authors, torch-fp16, compiled-fp16, compiled-fp16-k4, tensorrt-fp16, ... (+ -per-frame, -eager-decoder,
-    -cudnn-benchmark, -coordinate-descent, -frozen, -fused-qkv, -gemm-autotune when they differ from the
-    defaults)."""
+    -cudnn-benchmark, -coordinate-descent, -frozen, -fused-qkv, -gemm-autotune, -tattn-FORM, -tconv-SHAPE when they
+    differ from the defaults)."""
     if preset == "authors":
         return "authors"
     name = f"{runtime.backend}-{runtime.dtype}"
@@ -75,6 +77,11 @@ def default_name(runtime: RuntimeConfig, preset: str) -> str:
         name += "-fused-qkv"
     if runtime.backend == "compiled" and runtime.gemm_autotune:
         name += "-gemm-autotune"
+    defaults = RuntimeConfig()
+    if runtime.temporal_attention != defaults.temporal_attention:
+        name += f"-tattn-{runtime.temporal_attention}"
+    if runtime.temporal_conv != defaults.temporal_conv:
+        name += f"-tconv-{runtime.temporal_conv}"
     return name
 
 
@@ -103,9 +110,10 @@ def _runtime(fields: dict, device: str, dtype: str, decoder: str, engine_dir: st
         if value not in ("yes", "no"):
             raise ConfigError(f"--ladder: {key} must be yes or no (got {fields[key]!r})")
         switches[key] = value == "yes"
+    words = {key: fields[key] for key in _WORDS if key in fields}
     return RuntimeConfig(device=device, dtype=fields.get("dtype", dtype), backend=fields["backend"],
                          decoder=fields.get("decoder", decoder), inflight=inflight,
-                         engine_dir=fields.get("engine_dir", engine_dir), **switches)
+                         engine_dir=fields.get("engine_dir", engine_dir), **switches, **words)
 
 
 def parse_ladder(spec: str, device: str, dtype: str = "fp16", decoder: str = "temporal",

@@ -4,8 +4,11 @@ Nothing here imports triton: the kernel modules (e.g. `kernels.temporal_conv`) a
 about to run, so the runtime works without triton, and a test can set TRITON_INTERPRET=1 before triton's
 `@triton.jit` decorators read it (they read it when the kernel module is imported).
 
-The switch: kernels run only while `enabled()`; default off until `bench/kernel_bench.py` shows a gain on the GPU.
-`VIDRD_RT_KERNELS=1` turns them on for a process; `use_kernels(flag)` / `disabled()` scope it in code. Dynamo
+Two kernels: `temporal_conv` (Temp-Conv layer as one GEMM) and `short_attention` (Temp-Attn along a clip's frames).
+The short-attention kernel is chosen per model like any Temp-Attn form (RuntimeConfig.temporal_attention, on by
+default on CUDA: faster in the compiled step, bench/RESULTS.md). The switch below governs the Temp-Conv kernel:
+it runs only while `enabled()`; default off until `bench/kernel_bench.py` shows a gain on the GPU.
+`VIDRD_RT_KERNELS=1` turns it on for a process; `use_kernels(flag)` / `disabled()` scope it in code. Dynamo
 guards on the flag, so a compiled graph built with one setting is recompiled, never reused, under the other.
 """
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from . import layers
 from .config import RuntimeConfig
 from .errors import UserError
 from .model import VidRDModel
@@ -23,9 +24,14 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def prepare_for_device(model: VidRDModel, runtime: RuntimeConfig) -> VidRDModel:
-    """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies, and let
-    cuDNN time its convolution algorithms or not (runtime.cudnn_benchmark)."""
+    """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies, let
+    cuDNN time its convolution algorithms or not (runtime.cudnn_benchmark), and choose how Temp-Attn and Temp-Conv
+    run (runtime.temporal_attention, runtime.temporal_conv: the same maths). Elsewhere the layers keep their
+    reference forms."""
     if torch.device(runtime.device).type == "cuda":
+        layers.set_temporal_attention(model.unet, runtime.temporal_attention)
+        for module in (model.unet, model.vae):
+            layers.set_temporal_conv_shape(module, runtime.temporal_conv)
         torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
         formats = {4: torch.channels_last, 5: torch.channels_last_3d}  # 5-D: Temp-Conv, used as (C, C, 3, 1)
         for module in (model.unet, model.vae):

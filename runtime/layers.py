@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,18 @@ def from_clip_rows(x: torch.Tensor, frames: int) -> torch.Tensor:
     """Inverse of to_clip_rows: (B, C, F*H, W) -> (B*F, C, H, W)."""
     b, c, fh, w = x.shape
     return x.permute(0, 2, 3, 1).reshape(b * frames, fh // frames, w, c).permute(0, 3, 1, 2)
+
+
+def to_clip_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B*F, C, H, W) -> (B, C, F, H*W): frames as their own axis, pixels flattened."""
+    bf, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(bf // frames, frames, h * w, c).permute(0, 3, 1, 2)
+
+
+def to_clip_volume(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B*F, C, H, W) -> (B, C, F, H, W): the clip as a volume (channels_last_3d when x is channels_last)."""
+    bf, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(bf // frames, frames, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +87,14 @@ class TemporalConv(nn.Module):
     the clip viewed as (B, C, F, H*W), which is a free view of the channels_last activations.
     """
 
+    # How the (3, 1, 1) convolution runs, set per module (set_temporal_conv_shape): "conv2d", a (3, 1) convolution
+    # on the clip viewed as (B, C, F, H*W); "conv3d", the Conv3d itself on the clip viewed as (B, C, F, H, W). Both
+    # views are free for channels_last activations and the maths is the same; cuDNN picks different kernels.
+    SHAPES = ("conv2d", "conv3d")
+
     def __init__(self, channels: int, num_layers: int, dropout: float = 0.0):
         super().__init__()
+        self.conv_shape = "conv2d"
         layers: list[nn.Module] = []
         for _ in range(num_layers):
             layers += [nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout)]
@@ -87,19 +106,22 @@ class TemporalConv(nn.Module):
             return x
         if use_triton_temporal_conv(x) and not self.training and len(self.convs) > 0:
             return self._forward_triton(x, frames)
-        bf, c, h, w = x.shape
-        clip = x.permute(0, 2, 3, 1).reshape(bf // frames, frames, h * w, c).permute(0, 3, 1, 2)  # (B, C, F, HW)
         as_gemm = use_temporal_conv_gemm()
+        as_3d = self.conv_shape == "conv3d" and not as_gemm and not _exporting()  # engines keep the reference graph
+        clip = to_clip_volume(x, frames) if as_3d else to_clip_frames(x, frames)  # (B, C, F, H, W) or (B, C, F, HW)
         y = clip
         for i in range(0, len(self.convs), 4):
             norm, act, drop, conv = self.convs[i : i + 4]
-            y = drop(act(norm(y)))  # GroupNorm over (C/G, F, HW): all frames of the clip
+            y = drop(act(norm(y)))  # GroupNorm over (C/G, F, H[, W]): all frames of the clip
             if as_gemm:
                 y = temporal_conv_as_gemm(y, conv.weight, conv.bias)
+            elif as_3d:
+                y = F.conv3d(y, conv.weight, conv.bias, padding=(1, 0, 0))  # (B, C, F, H, W)
             else:
                 y = F.conv2d(y, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))  # (B, C, F, HW)
         y = clip + y
-        return y.permute(0, 2, 3, 1).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W)
+        bf, c, h, w = x.shape
+        return y.permute(0, 2, *range(3, y.ndim), 1).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W)
 
     def _forward_triton(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         """Same maths in kernels/temporal_conv.py: per layer one GEMM (K = 3C) with GroupNorm + SiLU fused into its
@@ -108,6 +130,17 @@ class TemporalConv(nn.Module):
         from ..kernels.temporal_conv import module_layers, temporal_conv_block
 
         return temporal_conv_block(x, frames, module_layers(self))
+
+
+def set_temporal_conv_shape(module: nn.Module, shape: str) -> int:
+    """TemporalConv.conv_shape on every Temp-Conv under `module` ("conv2d" or "conv3d"); how many. Read while a
+    forward is traced, so set it before compiling."""
+    if shape not in TemporalConv.SHAPES:
+        raise ValueError(f"Temp-Conv shape must be one of {', '.join(TemporalConv.SHAPES)} (got {shape!r})")
+    convs = [m for m in module.modules() if isinstance(m, TemporalConv)]
+    for conv in convs:
+        conv.conv_shape = shape
+    return len(convs)
 
 
 def temporal_conv_as_gemm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -256,12 +289,23 @@ class Attention(nn.Module):
             if bias is not None:
                 p.bias = nn.Parameter(bias[rows], requires_grad=p.bias.requires_grad)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                attend: Callable = F.scaled_dot_product_attention) -> torch.Tensor:
         q, k, v = self._project(x, context)  # (N, L, C), (N, S, C), (N, S, C)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, heads, L or S, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, d), scale d**-0.5 as in the authors' code
+        out = attend(q, k, v)  # (N, heads, L, d): SDPA's maths, scale d**-0.5 as in the authors' code
         n, _, seq, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(n, seq, -1))  # (N, L, C)
+
+    def forward_along_frames(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
+        """Self-attention along F for every (clip, pixel, head) of x (B, F, P, C), straight from that layout: the
+        heads of all pixels become one head axis (B, P*heads, F, d), a strided view, so no permute copies. `attend`
+        maps such q, k, v to (B, P*heads, F, d); out (B, F, P, C)."""
+        b, f, p, c = x.shape
+        d = c // self.heads
+        q, k, v = (t.reshape(b, f, p * self.heads, d).transpose(1, 2) for t in self._project(x, None))
+        out = attend(q, k, v)  # (B, P*heads, F, d); a view of (B, F, P*heads, d) for SDPA and the kernel
+        return self.to_out[0](out.transpose(1, 2).reshape(b, f, p, c))  # (B, F, P, C)
 
     def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple:
         """q (N, L, C), k and v (N, S, C): fused when fuse_projections() ran and the call is of the fused kind (a
@@ -277,6 +321,51 @@ class Attention(nn.Module):
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         n, seq, c = t.shape
         return t.view(n, seq, self.heads, c // self.heads).transpose(1, 2)
+
+
+# How Temp-Attn runs (TransformerBlock.temporal_attention, set per block by set_temporal_attention): where its
+# sequences are read from, and what attends. Every form computes the same maths.
+#   layout "tokens": the pixels' frame sequences gathered as (B*P, F, C) (a permute copy there and back), as the
+#                    authors do; "native": strided views of the (B, F, P, C) activations, no copies
+#                    (Attention.forward_along_frames).
+#   attend "sdpa": PyTorch's SDPA (flash/cuDNN: one 64-128-row tile per (sequence, head), mostly padding at F = 16,
+#                  ~10^4 tiny programs a call); "kernel": the Triton kernel kernels/short_attention.py, which packs
+#                  ~8 sequences into one program (SDPA where it cannot run); "math": matmul, fp32 softmax, matmul,
+#                  left to Inductor.
+# Export always runs "sdpa" (the engines' graph stays the reference).
+TEMPORAL_ATTENTION_FORMS = {  # form -> (layout, attend)
+    "sdpa": ("tokens", "sdpa"), "kernel": ("tokens", "kernel"),
+    "native": ("native", "sdpa"), "native-kernel": ("native", "kernel"), "math": ("native", "math"),
+}
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's maths (default scale) as matmul -> fp32 softmax -> matmul on (..., L, d) tensors."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (..., L, S); scaled first: no fp16 overflow
+    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1)  # fp32 (fp64 stays fp64)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel where it can run (CUDA, triton installed, shapes it takes, inference), else SDPA."""
+    if (kernels.triton_available() and q.device.type in KERNEL_DEVICES and not torch.is_grad_enabled()
+            and not _exporting()):
+        from ..kernels.short_attention import short_attention as kernel, supported
+
+        if supported(q, k, v):
+            return kernel(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def set_temporal_attention(module: nn.Module, form: str) -> int:
+    """The Temp-Attn form (TEMPORAL_ATTENTION_FORMS) of every block under `module`; how many. Read while a forward
+    is traced, so set it before compiling."""
+    if form not in TEMPORAL_ATTENTION_FORMS:
+        raise ValueError(f"Temp-Attn form must be one of {', '.join(TEMPORAL_ATTENTION_FORMS)} (got {form!r})")
+    blocks = [m for m in module.modules() if hasattr(m, "temporal_attention") and hasattr(m, "temp_attn")]
+    for block in blocks:
+        block.temporal_attention = form
+    return len(blocks)
 
 
 def fuse_attention_projections(module: nn.Module) -> int:
