@@ -19,8 +19,10 @@ DEFAULT_KS = (2, 4, 8)
 
 # Preset -> fixed fields. Missing dtype means the bench's --dtype; missing decoder means the bench's --decoder.
 PRESETS: dict[str, dict] = {
-    # The authors' code as shipped: fp32 eager, decoder Temp-Conv inactive (they never pass the frame count).
-    "authors": {"backend": "torch", "dtype": "fp32", "decoder": "per-frame"},
+    # The authors' code as shipped: fp32 eager, decoder Temp-Conv inactive (they never pass the frame count), SDPA
+    # for Temp-Attn and the Temp-Conv as a (3, 1) convolution (our reference forms).
+    "authors": {"backend": "torch", "dtype": "fp32", "decoder": "per-frame", "temporal_attention": "sdpa",
+                "temporal_conv": "conv2d"},
     "eager": {"backend": "torch"},
     "fp32": {"backend": "torch", "dtype": "fp32"},
     "fp16": {"backend": "torch", "dtype": "fp16"},
@@ -35,9 +37,9 @@ PRESETS: dict[str, dict] = {
 # RuntimeConfig booleans (yes/no) and their defaults.
 _SWITCHES = {"compile_decoder": "yes", "cudnn_benchmark": "no", "coordinate_descent": "no", "freezing": "no",
              "fuse_projections": "no", "gemm_autotune": "no"}
-# RuntimeConfig fields that take a word (checked by RuntimeConfig).
-_WORDS = ("temporal_attention", "temporal_conv")
-_KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES, *_WORDS}
+# RuntimeConfig fields that take one of a few names (RuntimeConfig checks them).
+_CHOICES = ("temporal_attention", "temporal_conv")
+_KEYS = {"backend", "dtype", "decoder", "inflight", "k", "engine_dir", "name", *_SWITCHES, *_CHOICES}
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,10 @@ def default_name(runtime: RuntimeConfig, preset: str) -> str:
         name += "-fused-qkv"
     if runtime.backend == "compiled" and runtime.gemm_autotune:
         name += "-gemm-autotune"
-    defaults = RuntimeConfig()
-    if runtime.temporal_attention != defaults.temporal_attention:
+    defaults = RuntimeConfig()  # the forms act on CUDA with the torch and compiled backends only
+    if runtime.backend in ("torch", "compiled") and runtime.temporal_attention != defaults.temporal_attention:
         name += f"-tattn-{runtime.temporal_attention}"
-    if runtime.temporal_conv != defaults.temporal_conv:
+    if runtime.backend in ("torch", "compiled") and runtime.temporal_conv != defaults.temporal_conv:
         name += f"-tconv-{runtime.temporal_conv}"
     return name
 
@@ -110,10 +112,10 @@ def _runtime(fields: dict, device: str, dtype: str, decoder: str, engine_dir: st
         if value not in ("yes", "no"):
             raise ConfigError(f"--ladder: {key} must be yes or no (got {fields[key]!r})")
         switches[key] = value == "yes"
-    words = {key: fields[key] for key in _WORDS if key in fields}
+    choices = {key: fields[key] for key in _CHOICES if key in fields}
     return RuntimeConfig(device=device, dtype=fields.get("dtype", dtype), backend=fields["backend"],
                          decoder=fields.get("decoder", decoder), inflight=inflight,
-                         engine_dir=fields.get("engine_dir", engine_dir), **switches, **words)
+                         engine_dir=fields.get("engine_dir", engine_dir), **switches, **choices)
 
 
 def parse_ladder(spec: str, device: str, dtype: str = "fp16", decoder: str = "temporal",

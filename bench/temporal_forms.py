@@ -4,7 +4,7 @@ latents, as one CFG step of a 256x256 video).
 Sections (`--sections`, comma-separated):
   attention  every attention call of one UNet step by shape (hooks on one eager forward), each timed alone in a
              CUDA graph: SDPA as the model calls it, and for Temp-Attn the other forms (runtime/layers.py
-             TEMPORAL_ATTENTION_FORMS: native views into SDPA, compiled matmul-softmax, the Triton kernel);
+             TEMPORAL_ATTENTION: native views into SDPA, compiled matmul-softmax, the Triton kernel);
   step       the UNet step compiled as the runtime does it (CompiledStep: Inductor, CUDA graph), once per Temp-Attn
              form in --forms (optionally with the UNet's Temp-Convs as Conv3d): each form's GPU time per step,
              re-timed at the end in reverse order, its output against the first form's and (CUDA) against an fp32
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from vidrd_rt.bench.kernel_bench import _diff, _error, load_unet, log, time_ms, unet_inputs
 from vidrd_rt.runtime import layers
+from vidrd_rt.runtime.config import TEMPORAL_ATTENTION_FORMS, TEMPORAL_CONV_OPS
 
 SECTIONS = ("attention", "step", "decoder")
 
@@ -39,7 +40,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="JSON result file")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--forms", default="sdpa,kernel",
-                   help=f"step section: Temp-Attn forms ({','.join(layers.TEMPORAL_ATTENTION_FORMS)}), each optionally "
+                   help=f"step section: Temp-Attn forms ({','.join(TEMPORAL_ATTENTION_FORMS)}), each optionally "
                         f"+conv3d (the UNet's Temp-Convs as Conv3d); the first is the reference")
     p.add_argument("--model", default="vidrd-base")
     p.add_argument("--device", default="cuda")
@@ -138,7 +139,7 @@ def fp32_truth(unet, inputs) -> torch.Tensor:
 
     reference = copy.deepcopy(unet).float()
     layers.set_temporal_attention(reference, "sdpa")
-    layers.set_temporal_conv_shape(reference, "conv2d")
+    layers.set_temporal_conv_op(reference, "conv2d")
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -166,7 +167,7 @@ def bench_step(args, unet, inputs) -> dict:
             torch._dynamo.reset()  # a fresh trace: the forms are read while tracing
             attention, _, conv_shape = form.partition("+")
             layers.set_temporal_attention(unet, attention)
-            layers.set_temporal_conv_shape(unet, conv_shape or "conv2d")
+            layers.set_temporal_conv_op(unet, conv_shape or "conv2d")
             step = CompiledStep(lambda s, t, c: unet(s, t, c), CompileSettings(), args.device, [])
             start = time.perf_counter()
             outs[form] = step(*inputs).clone()
@@ -190,7 +191,7 @@ def bench_step(args, unet, inputs) -> dict:
         result[f"{form}_ms_again"] = timing(lambda: step(*inputs), inner=3, graph=False)
         log(f"step again, Temp-Attn {form}: {result[f'{form}_ms_again']:.4g} ms")
     layers.set_temporal_attention(unet, "sdpa")
-    layers.set_temporal_conv_shape(unet, "conv2d")
+    layers.set_temporal_conv_op(unet, "conv2d")
     return result
 
 
@@ -216,11 +217,11 @@ def bench_decoder(args) -> dict:
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, args.frames, args.latent, args.latent, generator=g).to(args.device, torch.float16)
     result, outs, steps = {}, {}, {}
-    for shape in layers.TemporalConv.SHAPES:
+    for shape in TEMPORAL_CONV_OPS:
         log(f"compiling the decoder, Temp-Conv as {shape} ...")
         try:
             torch._dynamo.reset()
-            layers.set_temporal_conv_shape(model.vae, shape)
+            layers.set_temporal_conv_op(model.vae, shape)
             step = CompiledStep(lambda z: (decoder(z),), CompileSettings(), args.device, [])
             start = time.perf_counter()
             outs[shape] = step(latents)[0].clone()
@@ -240,7 +241,7 @@ def bench_decoder(args) -> dict:
     for shape in reversed(list(steps)):
         result[f"{shape}_ms_again"] = timing(lambda: steps[shape](latents), inner=3, graph=False)
         log(f"decoder again, Temp-Conv as {shape}: {result[f'{shape}_ms_again']:.4g} ms")
-    layers.set_temporal_conv_shape(model.vae, "conv2d")
+    layers.set_temporal_conv_op(model.vae, "conv2d")
     return result
 
 

@@ -7,8 +7,8 @@ takes BLOCK_G pairs (~128 query rows in all) and does both matmuls as batched 3-
 (BLOCK_G, BLOCK_L, BLOCK_D) tiles, with an fp32 softmax in between; L and D are padded to powers of two >= 16 (what
 tl.dot needs), padded keys get -inf, padded loads read 0.
 
-Layout: q, k, v are (N, H, L, D) with any strides but a unit last one, so the caller passes views of its native
-layout (e.g. the fused qkv projection (B, F, P, 3C) viewed as (B, P*heads, F, d)) without copies; the pair index
+Layout: q, k, v are (N, H, L, D) with any strides but a unit last one, so the caller passes views of its own
+layout without copies (e.g. heads split off a fused (N, L, 3C) qkv projection: rows 3C apart); the pair index
 g = n*H + h is split back into n, h for the addresses. The output is a contiguous (N, L, H, D) buffer returned as
 its (N, H, L, D) transpose, the layout flash attention returns: `out.transpose(1, 2).reshape(N, L, H*D)` is free.
 

@@ -26,14 +26,15 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 def prepare_for_device(model: VidRDModel, runtime: RuntimeConfig) -> VidRDModel:
     """On CUDA, keep conv weights channels_last so cuDNN runs NHWC kernels without per-call layout copies, let
     cuDNN time its convolution algorithms or not (runtime.cudnn_benchmark), and choose how Temp-Attn and Temp-Conv
-    run (runtime.temporal_attention, runtime.temporal_conv: the same maths). Elsewhere the layers keep their
-    reference forms."""
-    if torch.device(runtime.device).type == "cuda":
-        layers.set_temporal_attention(model.unet, runtime.temporal_attention)
-        for module in (model.unet, model.vae):
-            layers.set_temporal_conv_shape(module, runtime.temporal_conv)
+    run (runtime.temporal_attention, runtime.temporal_conv: the same maths). On other devices the layers get their
+    reference forms back. The forms live on the model: the last prepare wins for every backend over it."""
+    on_cuda = torch.device(runtime.device).type == "cuda"
+    layers.set_temporal_attention(model.unet, runtime.temporal_attention if on_cuda else "sdpa")
+    for module in (model.unet, model.vae):
+        layers.set_temporal_conv_op(module, runtime.temporal_conv if on_cuda else "conv2d")
+    if on_cuda:
         torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
-        formats = {4: torch.channels_last, 5: torch.channels_last_3d}  # 5-D: Temp-Conv, used as (C, C, 3, 1)
+        formats = {4: torch.channels_last, 5: torch.channels_last_3d}  # 5-D: Temp-Conv (Conv3d, or as (C, C, 3, 1))
         for module in (model.unet, model.vae):
             for p in module.parameters():
                 if p.ndim in formats:

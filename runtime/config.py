@@ -250,6 +250,9 @@ class SamplerConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# How Temp-Attn and Temp-Conv may run (runtime/layers.py: TEMPORAL_ATTENTION, TemporalConv.conv_op).
+TEMPORAL_ATTENTION_FORMS = ("sdpa", "kernel", "native", "native-kernel", "math")
+TEMPORAL_CONV_OPS = ("conv2d", "conv3d")
 
 
 @dataclass(frozen=True)
@@ -292,12 +295,13 @@ class RuntimeConfig:
     # Backend "compiled" only (CompileSettings.gemm_autotune): Inductor benchmarks Triton GEMM templates against
     # cuBLAS per shape, fusing pointwise epilogues into the chosen one; convolutions stay cuDNN. Longer compile.
     gemm_autotune: bool = False
-    # CUDA, backends torch and compiled: how Temp-Attn runs (runtime/layers.py TEMPORAL_ATTENTION_FORMS). "sdpa":
+    # CUDA, backends torch and compiled: how Temp-Attn runs (runtime/layers.py TEMPORAL_ATTENTION). "sdpa":
     # PyTorch's SDPA, as the authors; "kernel": the Triton kernel kernels/short_attention.py, which packs many of
     # the 16-frame sequences into one program (SDPA where it cannot run). Same maths; the other forms were measured
     # slower. The kernel takes the 16 Temp-Attn calls of a vidrd-base step from 1.55 to 0.22 ms (H200).
     temporal_attention: str = "kernel"
-    # CUDA: how the Temp-Conv (3, 1, 1) convolutions of UNet and decoder run (runtime/layers.py TemporalConv):
+    # CUDA, backends torch and compiled: how the Temp-Conv (3, 1, 1) convolutions of UNet and decoder run
+    # (runtime/layers.py TemporalConv.conv_op):
     # "conv2d", a (3, 1) convolution on the clip viewed as (B, C, F, H*W); "conv3d", the Conv3d on (B, C, F, H, W).
     # Same maths; cuDNN picks other kernels: the compiled 256x256 decode takes 48 instead of 59 ms (H200). With
     # the kernel above: 1.07-1.08x frames/s at K = 1, 4, 8 and first clip 1.17-1.20 s instead of 1.26-1.29 s.
@@ -312,13 +316,11 @@ class RuntimeConfig:
             raise ConfigError(f"--decoder must be temporal or per-frame (got {self.decoder!r})")
         if self.inflight < 1:
             raise ConfigError(f"--inflight must be at least 1 (got {self.inflight})")
-        from .layers import TEMPORAL_ATTENTION_FORMS, TemporalConv  # layers imports no config: no cycle
-
         if self.temporal_attention not in TEMPORAL_ATTENTION_FORMS:
             raise ConfigError(f"temporal_attention must be one of {', '.join(TEMPORAL_ATTENTION_FORMS)} "
                               f"(got {self.temporal_attention!r})")
-        if self.temporal_conv not in TemporalConv.SHAPES:
-            raise ConfigError(f"temporal_conv must be one of {', '.join(TemporalConv.SHAPES)} "
+        if self.temporal_conv not in TEMPORAL_CONV_OPS:
+            raise ConfigError(f"temporal_conv must be one of {', '.join(TEMPORAL_CONV_OPS)} "
                               f"(got {self.temporal_conv!r})")
 
     @property

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .config import TEMPORAL_ATTENTION_FORMS, TEMPORAL_CONV_OPS
 
 #################################################################################
 #                         Layout helpers (views, no maths)                       #
@@ -83,18 +84,19 @@ class ClipGroupNorm(nn.GroupNorm):
 class TemporalConv(nn.Module):
     """Temp-Conv: L x [GroupNorm(32) -> SiLU -> Dropout -> Conv3d(C, C, (3,1,1))] with a residual over frames.
 
-    The Conv3d weights keep the authors' (C, C, 3, 1, 1) shape; the convolution runs as a 2D (3, 1) convolution on
-    the clip viewed as (B, C, F, H*W), which is a free view of the channels_last activations.
+    The Conv3d weights keep the authors' (C, C, 3, 1, 1) shape. Which op runs, first match wins: the Triton kernel
+    (kernels.enabled(), eager only in practice), the matmul form (CompileSettings.temporal_conv_gemm, under
+    torch.compile), else `conv_op`. Exports always run the (3, 1) conv2d.
     """
 
-    # How the (3, 1, 1) convolution runs, set per module (set_temporal_conv_shape): "conv2d", a (3, 1) convolution
-    # on the clip viewed as (B, C, F, H*W); "conv3d", the Conv3d itself on the clip viewed as (B, C, F, H, W). Both
-    # views are free for channels_last activations and the maths is the same; cuDNN picks different kernels.
-    SHAPES = ("conv2d", "conv3d")
+    # conv_op, set per module (set_temporal_conv_op; RuntimeConfig.temporal_conv): "conv2d", a (3, 1) convolution on
+    # the clip viewed as (B, C, F, H*W); "conv3d", the Conv3d itself on the clip viewed as (B, C, F, H, W). Both
+    # views are free for channels_last activations and the maths is the same; cuDNN picks different kernels (its
+    # sm90 ones for the 3-D op at 256x256, where the 2-D one fell to a slow sm80 kernel).
 
     def __init__(self, channels: int, num_layers: int, dropout: float = 0.0):
         super().__init__()
-        self.conv_shape = "conv2d"
+        self.conv_op = "conv2d"
         layers: list[nn.Module] = []
         for _ in range(num_layers):
             layers += [nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout)]
@@ -107,7 +109,7 @@ class TemporalConv(nn.Module):
         if use_triton_temporal_conv(x) and not self.training and len(self.convs) > 0:
             return self._forward_triton(x, frames)
         as_gemm = use_temporal_conv_gemm()
-        as_3d = self.conv_shape == "conv3d" and not as_gemm and not _exporting()  # engines keep the reference graph
+        as_3d = self.conv_op == "conv3d" and not as_gemm and not _exporting()  # engines keep the reference graph
         clip = to_clip_volume(x, frames) if as_3d else to_clip_frames(x, frames)  # (B, C, F, H, W) or (B, C, F, HW)
         y = clip
         for i in range(0, len(self.convs), 4):
@@ -132,14 +134,14 @@ class TemporalConv(nn.Module):
         return temporal_conv_block(x, frames, module_layers(self))
 
 
-def set_temporal_conv_shape(module: nn.Module, shape: str) -> int:
-    """TemporalConv.conv_shape on every Temp-Conv under `module` ("conv2d" or "conv3d"); how many. Read while a
-    forward is traced, so set it before compiling."""
-    if shape not in TemporalConv.SHAPES:
-        raise ValueError(f"Temp-Conv shape must be one of {', '.join(TemporalConv.SHAPES)} (got {shape!r})")
+def set_temporal_conv_op(module: nn.Module, op: str) -> int:
+    """TemporalConv.conv_op on every Temp-Conv under `module` (TEMPORAL_CONV_OPS); how many. Read while a forward
+    is traced, so set it before compiling."""
+    if op not in TEMPORAL_CONV_OPS:
+        raise ValueError(f"Temp-Conv op must be one of {', '.join(TEMPORAL_CONV_OPS)} (got {op!r})")
     convs = [m for m in module.modules() if isinstance(m, TemporalConv)]
     for conv in convs:
-        conv.conv_shape = shape
+        conv.conv_op = op
     return len(convs)
 
 
@@ -299,8 +301,9 @@ class Attention(nn.Module):
 
     def forward_along_frames(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
         """Self-attention along F for every (clip, pixel, head) of x (B, F, P, C), straight from that layout: the
-        heads of all pixels become one head axis (B, P*heads, F, d), a strided view, so no permute copies. `attend`
-        maps such q, k, v to (B, P*heads, F, d); out (B, F, P, C)."""
+        heads of all pixels become one head axis (B, P*heads, F, d), a strided view of the projections, so no
+        permute copies (with fused projections and several heads the reshape copies: their rows are 3C apart).
+        `attend` maps such q, k, v to (B, P*heads, F, d); out (B, F, P, C)."""
         b, f, p, c = x.shape
         d = c // self.heads
         q, k, v = (t.reshape(b, f, p * self.heads, d).transpose(1, 2) for t in self._project(x, None))
@@ -333,7 +336,7 @@ class Attention(nn.Module):
 #                  ~8 sequences into one program (SDPA where it cannot run); "math": matmul, fp32 softmax, matmul,
 #                  left to Inductor.
 # Export always runs "sdpa" (the engines' graph stays the reference).
-TEMPORAL_ATTENTION_FORMS = {  # form -> (layout, attend)
+TEMPORAL_ATTENTION = {  # form (config.TEMPORAL_ATTENTION_FORMS) -> (layout, what attends: a key of ATTEND)
     "sdpa": ("tokens", "sdpa"), "kernel": ("tokens", "kernel"),
     "native": ("native", "sdpa"), "native-kernel": ("native", "kernel"), "math": ("native", "math"),
 }
@@ -357,12 +360,21 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v)
 
 
+ATTEND = {"sdpa": F.scaled_dot_product_attention, "kernel": short_attention, "math": attention_math}
+
+
+def temporal_attention_form(form: str) -> tuple[str, Callable]:
+    """(layout, attend) of a Temp-Attn form; always the reference ("tokens", SDPA) while exporting."""
+    layout, attend = TEMPORAL_ATTENTION["sdpa" if _exporting() else form]
+    return layout, ATTEND[attend]
+
+
 def set_temporal_attention(module: nn.Module, form: str) -> int:
-    """The Temp-Attn form (TEMPORAL_ATTENTION_FORMS) of every block under `module`; how many. Read while a forward
-    is traced, so set it before compiling."""
+    """The Temp-Attn form of every transformer block under `module` (those with a `temporal_attention` field);
+    how many. Read while a forward is traced, so set it before compiling."""
     if form not in TEMPORAL_ATTENTION_FORMS:
         raise ValueError(f"Temp-Attn form must be one of {', '.join(TEMPORAL_ATTENTION_FORMS)} (got {form!r})")
-    blocks = [m for m in module.modules() if hasattr(m, "temporal_attention") and hasattr(m, "temp_attn")]
+    blocks = [m for m in module.modules() if hasattr(m, "temporal_attention")]
     for block in blocks:
         block.temporal_attention = form
     return len(blocks)

@@ -14,21 +14,15 @@ from torch import nn
 
 from .config import UNetConfig
 from .layers import (
-    TEMPORAL_ATTENTION_FORMS,
     Attention,
     ClipGroupNorm,
     FeedForward,
     TemporalConv,
-    _exporting,
-    attention_math,
     frame_position_embedding,
     from_tokens,
-    short_attention,
+    temporal_attention_form,
     to_tokens,
 )
-
-# What attends in each Temp-Attn form (layers.TEMPORAL_ATTENTION_FORMS).
-ATTEND = {"sdpa": F.scaled_dot_product_attention, "kernel": short_attention, "math": attention_math}
 
 #################################################################################
 #                                     ResNet                                     #
@@ -78,7 +72,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.temporal_position_embedding = temporal_position_embedding
-        self.temporal_attention = "sdpa"  # how Temp-Attn runs: layers.TEMPORAL_ATTENTION_FORMS, set_temporal_attention
+        self.temporal_attention = "sdpa"  # how Temp-Attn runs: layers.TEMPORAL_ATTENTION, set_temporal_attention
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
         bf, hw, c = h.shape
@@ -95,13 +89,13 @@ class TransformerBlock(nn.Module):
         if self.temporal_position_embedding:
             # Added to the residual stream itself (also for a single frame, as the authors' in-place add does).
             h = h + frame_position_embedding(frames, c, h.device, h.dtype)[None, :, None, :]
-        layout, attend = TEMPORAL_ATTENTION_FORMS["sdpa" if _exporting() else self.temporal_attention]
+        layout, attend = temporal_attention_form(self.temporal_attention)
         if frames > 1 and layout == "tokens":
             ht = h.permute(0, 2, 1, 3).reshape(-1, frames, c)  # (B*HW, F, C): attention along time per pixel
-            ht = ht + self.temp_attn(self.temp_norm(ht), attend=ATTEND[attend])
+            ht = ht + self.temp_attn(self.temp_norm(ht), attend=attend)
             h = ht.reshape(bf // frames, hw, frames, c).permute(0, 2, 1, 3)  # (B, F, HW, C)
         elif frames > 1:
-            h = h + self.temp_attn.forward_along_frames(self.temp_norm(h), ATTEND[attend])  # (B, F, HW, C)
+            h = h + self.temp_attn.forward_along_frames(self.temp_norm(h), attend)  # (B, F, HW, C)
         return h.reshape(bf, hw, c)
 
 

@@ -44,11 +44,14 @@ def _qkv(shape, dtype, seed: int = 0):
 
 
 def _fused(b: int, frames: int, pixels: int, heads: int, d: int, dtype, seed: int = 0):
-    """q, k, v as (B, P*heads, F, d) views of one fused qkv projection output (B, F, P, 3C): non-contiguous."""
+    """q, k, v as (B*P, heads, F, d) views of one fused qkv projection output (B*P, F, 3C), heads split off as
+    Attention._split_heads does: rows 3C apart, heads d apart, no copy."""
     g = torch.Generator().manual_seed(seed)
     c = heads * d
-    x = (torch.randn(b, frames, pixels, 3 * c, generator=g) * 1.5).to(_device(), dtype)
-    return tuple(x[..., i * c:(i + 1) * c].reshape(b, frames, pixels * heads, d).permute(0, 2, 1, 3) for i in range(3))
+    x = (torch.randn(b * pixels, frames, 3 * c, generator=g) * 1.5).to(_device(), dtype)
+    views = tuple(x[..., i * c:(i + 1) * c].view(b * pixels, frames, heads, d).transpose(1, 2) for i in range(3))
+    assert all(t.data_ptr() == x.data_ptr() + i * c * x.element_size() for i, t in enumerate(views))  # views
+    return views
 
 
 def _err(out: torch.Tensor, want: torch.Tensor) -> float:
