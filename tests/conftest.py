@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -32,6 +33,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def kernel_module(name: str):
+    """A Triton kernel module (e.g. "vidrd_rt.kernels.temporal_conv"), interpreted on the CPU; skips, with why,
+    where that cannot work. The test module sets TRITON_INTERPRET=1 (no CUDA) before this imports the kernels."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"triton is not installed ({e}); pip install triton to run the kernel parity tests")
+    module = importlib.import_module(name)
+    if not torch.cuda.is_available() and not module.INTERPRET:
+        pytest.skip(f"{name} was imported before TRITON_INTERPRET=1 was set (no CUDA here)")
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ tests skip, with the reason, where triton is not installed; the tests of the lay
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
 import pytest
 import torch
+from conftest import kernel_module
 import torch.nn.functional as F
 
 from vidrd_rt import kernels
@@ -28,14 +28,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}  # of m
 @pytest.fixture(scope="module")
 def tc():
     """The kernel module, interpreted on the CPU; skipped (with why) where that cannot work."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton is not installed ({e}); pip install triton to run the kernel parity tests")
-    module = importlib.import_module("vidrd_rt.kernels.temporal_conv")
-    if not torch.cuda.is_available() and not module.INTERPRET:
-        pytest.skip("vidrd_rt.kernels.temporal_conv was imported before TRITON_INTERPRET=1 was set (no CUDA here)")
-    return module
+    return kernel_module("vidrd_rt.kernels.temporal_conv")
 
 
 def _device() -> str:

@@ -6,11 +6,11 @@ the kernel tests skip, with the reason, where triton is not installed.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
+from conftest import kernel_module
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
@@ -24,14 +24,7 @@ SHAPES = [(6, 2, 16, 64), (5, 3, 12, 40), (4, 1, 8, 8), (3, 2, 24, 16), (2, 2, 1
 @pytest.fixture(scope="module")
 def sa():
     """The kernel module, interpreted on the CPU; skipped (with why) where that cannot work."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton is not installed ({e}); pip install triton to run the kernel parity tests")
-    module = importlib.import_module("vidrd_rt.kernels.short_attention")
-    if not torch.cuda.is_available() and not module.INTERPRET:
-        pytest.skip("vidrd_rt.kernels.short_attention was imported before TRITON_INTERPRET=1 was set (no CUDA here)")
-    return module
+    return kernel_module("vidrd_rt.kernels.short_attention")
 
 
 def _device() -> str:

@@ -4,13 +4,12 @@ the CPU keep the reference forms, and the switches reject what they do not know.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fresh_tiny
+from conftest import fresh_tiny, kernel_module
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (see tests/test_kernels.py)
@@ -34,14 +33,7 @@ def _blocks(unet) -> list:
 def kernel_on_cpu():
     """Let the layers route to the short-attention kernel on CPU tensors (triton's interpreter); skipped, with why,
     where that cannot work."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton is not installed ({e})")
-    module = importlib.import_module("vidrd_rt.kernels.short_attention")
-    if not torch.cuda.is_available() and not module.INTERPRET:
-        pytest.skip("vidrd_rt.kernels.short_attention was imported before TRITON_INTERPRET=1 was set (no CUDA here)")
-    return module
+    return kernel_module("vidrd_rt.kernels.short_attention")
 
 
 def _count(monkeypatch, owner, name: str) -> list:
