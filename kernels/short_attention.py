@@ -109,6 +109,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_g: Optional[
            num_warps: Optional[int] = None) -> torch.Tensor:
     """The kernel on (N, H, L, D) views; block_g (pairs per program, a power of two) and num_warps default to the
     heuristic: ~128 query rows per program, 8 warps once the fp32 output tile passes 8192 elements (D > 64)."""
+    if block_g is not None and (block_g < 1 or block_g & (block_g - 1)):
+        raise ValueError(f"block_g must be a power of two (got {block_g})")  # tl.arange needs one
     n, h, length, d = q.shape
     block_l, block_d = max(16, triton.next_power_of_2(length)), max(16, triton.next_power_of_2(d))
     block_g = block_g or max(1, 128 // block_l)

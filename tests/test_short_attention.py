@@ -87,6 +87,8 @@ def test_different_strides_per_input_and_explicit_blocks(sa):
     want = sa.short_attention_reference(q, k, v)
     for block_g, warps in ((1, 4), (4, 2), (16, 8)):
         assert _err(sa.launch(q, k, v, block_g=block_g, num_warps=warps), want) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="power of two"):
+        sa.launch(q, k, v, block_g=3)
 
 
 def test_supported(sa):
