@@ -131,20 +131,24 @@ def eval_(
     seed: Annotated[int, typer.Option(help="prompt i uses seed + i in every row")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16")] = "fp32",
+    world: Annotated[str, typer.Option(help="auto (the model's training world), plain (a frame with edges) or "
+                                            "torus (shapes wrap around; positions measured around it)")] = "auto",
     model: ModelOpt = None, random_weights: RandomOpt = False, weights_seed: WeightsSeedOpt = 0,
 ):
     """Colour and direction accuracy and clip-boundary smoothness over a fixed prompt set (synthetic-scene models)."""
     from pathlib import Path
 
-    from .bench.eval_shapes import ablation_configs, configs_by_name, eval_prompts, run_eval
+    from .bench.eval_shapes import WORLDS, ablation_configs, configs_by_name, eval_prompts, run_eval
 
     if prompts not in ("all", "quick"):
         _fail(f"--prompts must be all or quick (got {prompts!r})")
+    if world not in WORLDS:
+        _fail(f"--world must be one of {', '.join(WORLDS)} (got {world!r})")
     configs = ablation_configs(quick=rows == "quick") if rows in ("all", "quick") else configs_by_name(rows.split(","))
     run_eval(_source(model, random_weights, weights_seed, None, None, None), configs,
              eval_prompts(quick=prompts == "quick"), clips=clips, seed=seed, device=device, dtype=dtype,
              out_json=json_path, out_md=str(Path(json_path).with_suffix(".md")), frames=frames, steps=steps,
-             guidance=guidance, log=lambda line: typer.echo(line, err=True))
+             guidance=guidance, world=world, log=lambda line: typer.echo(line, err=True))
     typer.echo(f"wrote {json_path}")
 
 

@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--clips", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     drop = args.drop_overlap == "yes"
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
     if args.order == "forward":
         overlap_order.use_forward_order(row.overlap)
     pipeline_module.sample_clip = make_guided_sampler(args.weight, args.guided_steps)
-    eval_shapes.run_eval(ModelSource(), [row], eval_shapes.eval_prompts(quick=args.prompts == "quick"),
+    eval_shapes.run_eval(ModelSource(model=args.model), [row], eval_shapes.eval_prompts(quick=args.prompts == "quick"),
                          clips=args.clips, seed=args.seed, device=args.device, dtype="fp32", out_json=args.json,
                          log=print)
 

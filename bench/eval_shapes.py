@@ -9,6 +9,10 @@ measurement is plain numpy over uint8 frames [F, H, W, 3]:
 - smoothness: mean absolute frame difference and centroid step for consecutive frame pairs inside a clip against
   the pairs that straddle a clip boundary (`boundary_pairs` says which output-frame pairs those are).
 
+A model trained on a torus world (training/scenes.py `SceneConfig.wrap`, recorded in its training.json) moves
+shapes out by one edge and back in by the other. For it, `wrap = (width, height)` measures centroids as circular
+means and steps the short way round, so a shape crossing an edge is one shape taking one small step.
+
 `run_eval` generates every (config, prompt) in memory with one loaded model, scores each video and writes JSON
 plus a markdown table, one row per `EvalConfig` (sampler overrides: overlap M, alpha, beta, drop_overlap, decoder).
 """
@@ -27,7 +31,7 @@ import numpy as np
 from ..runtime.config import DTYPES, ConfigError, RuntimeConfig, SamplerConfig
 from ..runtime.noise import TorchNoise
 from ..runtime.pipeline import VideoPipeline, encode_prompt
-from ..runtime.weights import ModelSource, load_model
+from ..runtime.weights import DEFAULT_MODEL, ModelSource, load_model
 from ..training.vocab import COLOURS, DIRECTIONS, EVAL_PROMPTS, motion_prompt
 from .report import atomic_write_bytes
 
@@ -98,20 +102,43 @@ def classify_colour(pixels: np.ndarray, min_pixels: int = MIN_COLOUR_PIXELS) -> 
 ##### motion
 
 
-def centroid_track(frames: np.ndarray, min_pixels: int = MIN_TRACK_PIXELS) -> np.ndarray:
+Wrap = Optional[tuple[int, int]]  # (width, height) of a torus world, or None for a frame with edges
+
+
+def centroid_track(frames: np.ndarray, min_pixels: int = MIN_TRACK_PIXELS, wrap: Wrap = None) -> np.ndarray:
     """uint8 [F, H, W, 3] -> float [F, 2] object centroid (x, y) in pixel indices (pixel [row, col] sits at
     x = col, y = row); NaN where no object is found.
 
-    The mean (not the median) of the mask's coordinates, so sub-pixel motion registers."""
+    The mean (not the median) of the mask's coordinates, so sub-pixel motion registers; on a torus (wrap) the
+    circular mean, so a shape split across an edge is found where it is, not in the middle of the frame."""
     mask = object_mask(frames)  # [F, H, W]
     count = mask.sum(axis=(1, 2)).astype(np.float64)  # [F]
-    ys, xs = np.arange(mask.shape[1]), np.arange(mask.shape[2])
-    sum_x = (mask.sum(axis=1) * xs).sum(axis=1)  # [F]
-    sum_y = (mask.sum(axis=2) * ys).sum(axis=1)  # [F]
+    columns, rows = mask.sum(axis=1), mask.sum(axis=2)  # [F, W], [F, H]: pixels per column / row
     with np.errstate(invalid="ignore", divide="ignore"):
-        track = np.stack([sum_x / count, sum_y / count], axis=1)
+        if wrap:
+            track = np.stack([_circular_mean(columns), _circular_mean(rows)], axis=1)
+        else:
+            xs, ys = np.arange(mask.shape[2]), np.arange(mask.shape[1])
+            track = np.stack([(columns * xs).sum(axis=1) / count, (rows * ys).sum(axis=1) / count], axis=1)
     track[count < min_pixels] = np.nan
     return track
+
+
+def _circular_mean(weights: np.ndarray) -> np.ndarray:
+    """[F, n] pixel counts per index around a circle of n pixels -> [F] mean position in [0, n)."""
+    n = weights.shape[1]
+    angle = 2 * np.pi * np.arange(n) / n
+    c, s = (weights * np.cos(angle)).sum(axis=1), (weights * np.sin(angle)).sum(axis=1)
+    return (np.arctan2(s, c) * n / (2 * np.pi)) % n
+
+
+def displacements(track: np.ndarray, wrap: Wrap = None) -> np.ndarray:
+    """float [F, 2] -> float [F-1, 2]: (dx, dy) between consecutive centroids; on a torus the short way round."""
+    steps = np.diff(np.asarray(track, dtype=np.float64), axis=0)
+    if wrap:
+        size = np.asarray(wrap, dtype=np.float64)
+        steps = (steps + size / 2) % size - size / 2
+    return steps
 
 
 def direction_name(dx: float, dy: float) -> str:
@@ -119,12 +146,13 @@ def direction_name(dx: float, dy: float) -> str:
     return max(DIRECTIONS, key=lambda n: DIRECTIONS[n][0] * dx + DIRECTIONS[n][1] * dy)
 
 
-def direction_of(track: np.ndarray, min_step: float = MIN_STEP_PX, max_jump: float = MAX_JUMP_PX) -> Optional[str]:
+def direction_of(track: np.ndarray, min_step: float = MIN_STEP_PX, max_jump: float = MAX_JUMP_PX,
+                 wrap: Wrap = None) -> Optional[str]:
     """float [F, 2] centroids -> the dominant direction name, from the median per-frame displacement.
 
     Steps with a missing centroid or longer than max_jump (a detection glitch or a seam) are ignored; the median
     also shrugs off the few reversed frames at an FNR head. None if nothing moves at least min_step px/frame."""
-    steps = np.diff(np.asarray(track, dtype=np.float64), axis=0)  # [F-1, 2]
+    steps = displacements(track, wrap)  # [F-1, 2]
     ok = np.isfinite(steps).all(axis=1) & (np.hypot(steps[:, 0], steps[:, 1]) <= max_jump)
     if not ok.any():
         return None
@@ -170,16 +198,16 @@ def frame_diffs(frames: np.ndarray) -> np.ndarray:
     return np.abs(f[1:] - f[:-1]).mean(axis=(1, 2, 3)).astype(np.float64)
 
 
-def centroid_steps(track: np.ndarray) -> np.ndarray:
+def centroid_steps(track: np.ndarray, wrap: Wrap = None) -> np.ndarray:
     """float [F, 2] -> float [F-1]: pixel distance between consecutive centroids (NaN where one is missing)."""
-    steps = np.diff(track, axis=0)
+    steps = displacements(track, wrap)
     return np.hypot(steps[:, 0], steps[:, 1])
 
 
-def along_steps(track: np.ndarray, direction: str) -> np.ndarray:
+def along_steps(track: np.ndarray, direction: str, wrap: Wrap = None) -> np.ndarray:
     """float [F, 2] -> float [F-1]: signed centroid step along the prompted direction (negative = backwards)."""
     dx, dy = DIRECTIONS[direction]
-    steps = np.diff(track, axis=0)
+    steps = displacements(track, wrap)
     return steps[:, 0] * dx + steps[:, 1] * dy
 
 
@@ -202,21 +230,24 @@ def split_stats(per_pair: np.ndarray, pairs: Sequence[tuple[int, int]]) -> dict:
 
 
 def smoothness(frames: np.ndarray, track: np.ndarray, pairs: Sequence[tuple[int, int]],
-               direction: Optional[str] = None) -> dict:
+               direction: Optional[str] = None, wrap: Wrap = None) -> dict:
     """Frame difference and centroid step, within clips vs across boundaries; signed steps when a direction is
     given (a seam that jumps the object back shows as a negative boundary mean)."""
     out = {"frame_diff": split_stats(frame_diffs(frames), pairs),
-           "centroid_step": split_stats(centroid_steps(track), pairs)}
+           "centroid_step": split_stats(centroid_steps(track, wrap), pairs)}
     if direction is not None:
-        out["along_direction"] = split_stats(along_steps(track, direction), pairs)
+        out["along_direction"] = split_stats(along_steps(track, direction, wrap), pairs)
     return out
 
 
 def room_ahead(track: np.ndarray, pairs: Sequence[tuple[int, int]], direction: str, height: int,
-               width: int) -> np.ndarray:
+               width: int, wrap: Wrap = None) -> np.ndarray:
     """float [len(pairs)]: px between the object in each seam's last old frame and the frame edge the prompt moves
     it toward (NaN without a centroid). Little room means the prompt cannot be followed without leaving the frame:
-    the next clip then starts over (objects in training enter from the far edge) or turns back."""
+    the next clip then starts over (objects in training enter from the far edge) or turns back. A torus has no
+    edge: infinite room wherever the object is found."""
+    if wrap:
+        return np.array([np.inf if np.isfinite(track[i]).all() else np.nan for i, _ in pairs], dtype=np.float64)
     dx, dy = DIRECTIONS[direction]
     room = []
     for i, _ in pairs:
@@ -226,22 +257,22 @@ def room_ahead(track: np.ndarray, pairs: Sequence[tuple[int, int]], direction: s
 
 
 def seams_with_room(track: np.ndarray, pairs: Sequence[tuple[int, int]], direction: str, height: int, width: int,
-                    new_frames: int, within_step: Optional[float]) -> dict:
+                    new_frames: int, within_step: Optional[float], wrap: Wrap = None) -> dict:
     """Boundary centroid jumps split by whether the object had room for the next clip's motion (within-clip step x
     the frames a clip adds). Separates jumps that sampling causes from restarts that the frame edge forces."""
     if not pairs or within_step is None:
         return {"jumps": [], "has_room": []}
-    jumps = centroid_steps(track)[[i for i, _ in pairs]]
-    has_room = room_ahead(track, pairs, direction, height, width) >= within_step * new_frames  # NaN -> False
+    jumps = centroid_steps(track, wrap)[[i for i, _ in pairs]]
+    has_room = room_ahead(track, pairs, direction, height, width, wrap) >= within_step * new_frames  # NaN -> False
     return {"jumps": jumps.tolist(), "has_room": has_room.tolist()}
 
 
-def near_seam(track: np.ndarray, pairs: Sequence[tuple[int, int]], overlap: int) -> dict:
+def near_seam(track: np.ndarray, pairs: Sequence[tuple[int, int]], overlap: int, wrap: Wrap = None) -> dict:
     """Per seam, the largest centroid step over the seam pair and the overlap (M) pairs after it ("max", NaN if
     none), and the mean step over all other pairs ("away"). With all frames kept, a strong DSG turns the seam pair
     itself into a near copy and moves the jump into the new clip's first frames; this catches it there, and keeps
     the moved jump out of the yardstick."""
-    steps = centroid_steps(track)  # [F-1]
+    steps = centroid_steps(track, wrap)  # [F-1]
     near = np.zeros(len(steps), dtype=bool)
     largest = []
     for i, _ in pairs:
@@ -256,31 +287,33 @@ def near_seam(track: np.ndarray, pairs: Sequence[tuple[int, int]], overlap: int)
 
 
 def clip_labels(frames: np.ndarray, mask: np.ndarray, track: np.ndarray, span: tuple[int, int],
-                colour: str, direction: str) -> dict:
+                colour: str, direction: str, wrap: Wrap = None) -> dict:
     """Colour and direction measured on one clip's output frames, and whether they match the prompt."""
     a, b = span
     found_colour = classify_colour(frames[a:b][mask[a:b]])
-    found_direction = direction_of(track[a:b])
+    found_direction = direction_of(track[a:b], wrap=wrap)
     return {"colour": found_colour, "direction": found_direction,
             "colour_ok": found_colour == colour, "direction_ok": found_direction == direction}
 
 
 def score_video(frames: np.ndarray, colour: str, direction: str, N: int, M: int, drop_overlap: bool,
-                clips: Optional[int] = None) -> dict:
+                clips: Optional[int] = None, torus: bool = False) -> dict:
     """Everything measured on one video (uint8 [F, H, W, 3]): per-clip labels, the share of clips right, clip 0
-    alone, and the smoothness statistics. `clips` is inferred from the frame count when not given."""
+    alone, and the smoothness statistics. `clips` is inferred from the frame count when not given; torus: the
+    video shows a torus world (positions and steps measured around it)."""
     clips = clips or clips_in(len(frames), N, M, drop_overlap)
-    mask, track = object_mask(frames), centroid_track(frames)
+    wrap = (frames.shape[2], frames.shape[1]) if torus else None
+    mask, track = object_mask(frames), centroid_track(frames, wrap=wrap)
     spans = [s for s in clip_spans(clips, N, M, drop_overlap) if s[1] > s[0]]
-    per_clip = [clip_labels(frames, mask, track, span, colour, direction) for span in spans]
+    per_clip = [clip_labels(frames, mask, track, span, colour, direction, wrap) for span in spans]
     pairs = boundary_pairs(clips, N, M, drop_overlap)
-    smooth = smoothness(frames, track, pairs, direction)
+    smooth = smoothness(frames, track, pairs, direction, wrap)
     new_frames = N - M if drop_overlap else N
     seams = seams_with_room(track, pairs, direction, frames.shape[1], frames.shape[2], new_frames,
-                            smooth["centroid_step"]["within"])
+                            smooth["centroid_step"]["within"], wrap)
     return {
         "clips": clips,
-        "near_seam": near_seam(track, pairs, M),
+        "near_seam": near_seam(track, pairs, M, wrap),
         "per_clip": per_clip,
         "colour_ok": _mean([c["colour_ok"] for c in per_clip]),  # share of clips
         "direction_ok": _mean([c["direction_ok"] for c in per_clip]),
@@ -337,6 +370,10 @@ def ablation_configs(quick: bool = False) -> list[EvalConfig]:
         # the jump moves into the new clip (the near-seam columns), with drop-overlap it stays at the seam.
         EvalConfig("beta=1", beta=1.0),
         EvalConfig("beta=1/drop-overlap", beta=1.0, drop_overlap=True),
+        # More or fewer held frames (the paper's M): do the free frames outvote the held ones?
+        *(EvalConfig(f"M={m}", overlap=m) for m in (2, 8)),
+        EvalConfig("M=8/drop-overlap", overlap=8, drop_overlap=True),
+        EvalConfig("alpha=16+beta=0.8", alpha=16.0, beta=0.8),  # the two strongest single settings together
     ]
 
 
@@ -372,24 +409,46 @@ def eval_prompts(quick: bool = False) -> list[tuple[str, str, str]]:
 
 ##### the runner
 
+WORLDS = ("auto", "plain", "torus")
+
+
+def model_world(source: ModelSource) -> str:
+    """"torus" if the model folder's training.json says its last stage drew motion on a torus
+    (train_config.wrap), else "plain" (presets, random weights, the authors' layout, older models)."""
+    kind = source.kind()
+    folder = DEFAULT_MODEL if kind == "default" else Path(source.model) if kind == "converted" else None
+    info_file = folder / "training.json" if folder is not None else None
+    if info_file is None or not info_file.is_file():
+        return "plain"
+    info = json.loads(info_file.read_text())
+    stages = info.get("stages", [info])  # the shipped card lists stages; train.py writes one
+    last = stages[-1] if stages else {}
+    return "torus" if last.get("train_config", {}).get("wrap") else "plain"
+
 
 def run_eval(source: ModelSource, configs: Sequence[EvalConfig], prompts: Sequence[tuple[str, str, str]],
              clips: int, seed: int, device: str, dtype: str, out_json: str | Path, out_md: str | Path | None = None,
-             *, frames: int = 16, steps: int = 50, guidance: float = 10.0,
+             *, frames: int = 16, steps: int = 50, guidance: float = 10.0, world: str = "auto",
              log: Optional[Callable[[str], None]] = None) -> dict:
     """Generate every (config, prompt) in memory with one loaded model, score each video, and write JSON plus a
     markdown table (out_md, default: out_json with .md) after every config. Prompt i uses seed + i in every
-    config, so rows differ only by their settings. Returns the JSON document."""
+    config, so rows differ only by their settings. world: how to measure positions ("auto": the model's own,
+    see model_world). Returns the JSON document."""
+    if world not in WORLDS:
+        raise ConfigError(f"world must be one of {', '.join(WORLDS)} (got {world!r})")
     base = SamplerConfig(clips=clips, frames=frames, steps=steps, guidance=guidance, seed=seed)
     check_inputs(configs, prompts, base)
+    world = model_world(source) if world == "auto" else world
     model = load_model(source, DTYPES[dtype], device)
     contexts = _contexts(model, prompts, device)
-    doc = {"schema": SCHEMA, "setting": _setting(source, base, prompts, device, dtype, model), "rows": []}
+    doc = {"schema": SCHEMA, "setting": {**_setting(source, base, prompts, device, dtype, model), "world": world},
+           "rows": []}
     pipelines: dict[str, VideoPipeline] = {}  # one per decoder, all over the same model
     for config in configs:
         pipeline = pipelines.get(config.decoder) or _pipeline(model, device, dtype, config.decoder)
         pipelines[config.decoder] = pipeline
-        scores = [_score_one(pipeline, contexts[i], config, base, i, prompt) for i, prompt in enumerate(prompts)]
+        scores = [_score_one(pipeline, contexts[i], config, base, i, prompt, world == "torus")
+                  for i, prompt in enumerate(prompts)]
         doc["rows"].append(summarise(config, scores))
         write_results(doc, out_json, out_md)
         if log:
@@ -406,7 +465,8 @@ def _pipeline(model, device: str, dtype: str, decoder: str):
     return VideoPipeline(model, RuntimeConfig(device=device, dtype=dtype, decoder=decoder))
 
 
-def _score_one(pipeline, context, config: EvalConfig, base: SamplerConfig, index: int, prompt) -> dict:
+def _score_one(pipeline, context, config: EvalConfig, base: SamplerConfig, index: int, prompt,
+               torus: bool = False) -> dict:
     """Generate one video in memory (all clips, uint8 frames) and score it against its prompt."""
     colour, shape, direction = prompt
     sampler = dataclasses.replace(config.sampler(base), seed=base.seed + index)
@@ -415,7 +475,7 @@ def _score_one(pipeline, context, config: EvalConfig, base: SamplerConfig, index
     clips = pipeline.clips(context, sampler, state, TorchNoise(sampler.seed), config.drop_overlap)
     video = np.concatenate([clip.frames for clip in clips])  # [F, H, W, 3]
     score = score_video(video, colour, direction, sampler.frames, sampler.overlap, config.drop_overlap,
-                        clips=sampler.clips)
+                        clips=sampler.clips, torus=torus)
     return {"prompt": motion_prompt(colour, shape, direction), "seed": sampler.seed, **score}
 
 
@@ -482,13 +542,12 @@ def markdown(doc: dict) -> str:
     s = doc["setting"]
     head = (f"{s['model']} ({s['width']}x{s['height']}), {len(s['prompts'])} prompts x {s['clips']} clips of "
             f"{s['frames']} frames, {s['steps']} steps, CFG {s['guidance']}, seed {s['seed']}+prompt index, "
-            f"{s['device']} {s['dtype']}. Accuracies: share of (prompt, clip) pairs right; frame diff in 0-255 "
-            f"levels; ratio = boundary / within. Rows with drop_overlap=False: the boundary pair is the previous "
+            f"{s['device']} {s['dtype']}, {s.get('world', 'plain')} world. Accuracies: share of (prompt, clip) "
+            f"pairs right; frame diff in 0-255 levels; ratio = boundary / within. Rows with drop_overlap=False: the boundary pair is the previous "
             f"clip's last frame and the FNR copy of it, so it measures how well FNR re-creates that frame. Seams "
             f"with room: share of seams where the object had room ahead (toward the prompted edge) for the next "
-            f"clip's motion; the next column is the centroid ratio over those seams alone. Largest step near seam: "
-            f"the largest "
-            f"centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
+            f"clip's motion (on a torus: every seam); the next column is the centroid ratio over those seams alone. "
+            f"Largest step near seam: the largest centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
             f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs.")
     lines = ["# vidrd-rt eval", "", head, "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",

@@ -2,7 +2,8 @@
 
     python docs/make_frames.py docs/default-model-frames.png        (CPU, ~1 minute; needs Pillow)
 
-Each row is `vidrd-rt generate --clips 2 --prompt P --seed 0` with no model flags, decoded back from its mp4.
+Each row is `vidrd-rt generate --clips 2 --prompt P --seed 0` with no model flags, decoded back from its mp4; the
+colour and direction `vidrd-rt eval` reads from each clip are printed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ import av
 import numpy as np
 from PIL import Image
 
+from vidrd_rt.bench import eval_shapes as ev
+from vidrd_rt.runtime.weights import ModelSource
+
 PROMPTS = ("a red circle moving right", "a blue square moving up", "a green triangle moving left")
 SCALE, GAP = 2, 4  # pixels per video pixel; white gap between frames
+
+
+def score(prompt: str, frames: np.ndarray) -> str:
+    """The eval's colour and direction of each clip, measured in the shipped model's world."""
+    words = prompt.split()
+    torus = ev.model_world(ModelSource()) == "torus"
+    result = ev.score_video(frames, words[1], words[4], 16, 4, False, clips=2, torus=torus)
+    return ", ".join(f"{c['colour']} {c['direction']}" for c in result["per_clip"])
 
 
 def frames_of(prompt: str, folder: Path) -> np.ndarray:
@@ -30,7 +42,10 @@ def frames_of(prompt: str, folder: Path) -> np.ndarray:
 
 def main(path: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [frames_of(p, Path(tmp))[::3] for p in PROMPTS]
+        videos = [frames_of(p, Path(tmp)) for p in PROMPTS]
+    for prompt, video in zip(PROMPTS, videos):
+        print(f"{prompt}: {score(prompt, video)}")
+    rows = [video[::3] for video in videos]
     t, h, w, _ = rows[0].shape
     sheet = np.full((len(rows) * (h * SCALE + GAP), t * (w * SCALE + GAP), 3), 255, np.uint8)
     for r, frames in enumerate(rows):

@@ -109,6 +109,33 @@ def test_scenes_match_their_captions():
     assert checked >= 8
 
 
+def test_the_shipped_model_is_measured_on_its_torus():
+    """Stage 9 was trained on the torus; `vidrd-rt eval` and the README's numbers measure it there."""
+    assert ev.model_world(ModelSource()) == "torus"
+
+
+def test_torus_scenes_wrap_and_the_eval_follows_them_around():
+    """With SceneConfig.wrap a shape leaving by one edge comes back by the other: every frame shows the whole
+    shape's area (split across the edge while it crosses), and the eval in its torus mode reads the captioned
+    direction at the same small step on every frame, also while the shape is split."""
+    video, captions = sample_batch(SceneConfig(wrap=True, p_motion=1.0, p_action=0.0), 48,
+                                   torch.Generator().manual_seed(5))
+    crossed = 0
+    for clip, caption in zip(video, captions):
+        frames = (clip.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()
+        mask = ev.object_mask(frames)
+        area = mask.sum(axis=(1, 2))
+        assert area.min() > 0.8 * area.max(), caption  # never off-screen, never cut
+        wrap = (64, 64)
+        track = ev.centroid_track(frames, wrap=wrap)
+        assert ev.direction_of(track, wrap=wrap) == caption.split()[4], caption
+        steps = ev.centroid_steps(track, wrap=wrap)
+        assert steps.max() < 3.5, caption  # speeds are 1-2.2 px/frame; a wrap is no jump
+        split = (mask[:, :, 0] & mask[:, :, -1]).any() or (mask[:, 0] & mask[:, -1]).any()
+        crossed += bool(split)  # some frame shows the shape on both sides of an edge
+    assert crossed >= 8
+
+
 def test_scenes_are_seeded():
     a, ca = sample_batch(SceneConfig(frames=4), 6, torch.Generator().manual_seed(1))
     b, cb = sample_batch(SceneConfig(frames=4), 6, torch.Generator().manual_seed(1))
@@ -137,6 +164,12 @@ def test_training_runs_and_writes_a_loadable_model(tmp_path):
     assert torch.equal(again.vae.decoder.conv_out.weight, model.vae.decoder.conv_out.weight)
 
 
+def test_training_flags_parse_yes_and_no():
+    assert training._yes_no("yes") is True and training._yes_no("no") is False
+    with pytest.raises(Exception, match="expected yes or no"):
+        training._yes_no("maybe")
+
+
 def test_training_timesteps_favour_high_noise_by_the_asked_share():
     g = torch.Generator().manual_seed(0)
     uniform = training.training_timesteps(20000, 1000, 0.0, g, "cpu")
@@ -148,9 +181,10 @@ def test_training_timesteps_favour_high_noise_by_the_asked_share():
 
 
 def test_training_data_shares_reach_the_scenes():
-    cfg = training.TrainConfig(out="unused", motion_share=1.0, action_share=0.0)
+    cfg = training.TrainConfig(out="unused", motion_share=1.0, action_share=0.0, wrap=True)
     model = SimpleNamespace(config=SimpleNamespace(height=32))  # scenes_for reads only the frame size
     scenes = training.scenes_for(model, cfg)
+    assert scenes.wrap
     _, captions = sample_batch(scenes, 12, torch.Generator().manual_seed(0))
     assert all(" moving " in c for c in captions)
 

@@ -189,6 +189,46 @@ def test_near_seam_window_catches_a_jump_moved_past_a_copied_seam_frame():
     assert row["near_seam_ratio"] == pytest.approx(9.2 / 1.2, rel=0.1)
 
 
+def test_torus_mode_measures_positions_and_steps_around_the_frame():
+    # A circle crossing the right edge: centred at x = 62, 63.5, 1, 2.5 (mod 64), split across the edge.
+    centres = [(62.0, 30.0), (63.5, 30.0), (65.0, 30.0), (66.5, 30.0)]
+    base, rgb = background("grey"), np.array(COLOURS["red"])
+    frames = []
+    for x, y in centres:
+        a = np.maximum(coverage("circle", x, y), coverage("circle", x - SIZE, y))  # the shape and its copy
+        frames.append(base * (1 - a[..., None]) + rgb * a[..., None])
+    video = (np.stack(frames) * 255).round().astype(np.uint8)
+    wrap = (SIZE, SIZE)
+    track = ev.centroid_track(video, wrap=wrap)
+    # Pixel indices: a centre at x sits at index x - 0.5.
+    assert track[:, 0] == pytest.approx([61.5, 63.0, 0.5, 2.0], abs=0.15)
+    assert track[:, 1] == pytest.approx([29.5] * 4, abs=0.15)
+    assert ev.centroid_steps(track, wrap) == pytest.approx([1.5] * 3, abs=0.2)
+    assert ev.along_steps(track, "right", wrap) == pytest.approx([1.5] * 3, abs=0.2)
+    assert ev.direction_of(track, wrap=wrap) == "right"
+    plain = ev.centroid_track(video)  # the plain mode averages the two halves: a blob sliding the wrong way
+    assert ev.centroid_steps(plain).min() > 5 and ev.direction_of(plain, max_jump=10) == "left"
+    # No edge on a torus: every seam has room.
+    assert ev.room_ahead(track, [(1, 2)], "right", SIZE, SIZE, wrap)[0] == np.inf
+    score = ev.score_video(video, "red", "right", 4, 0, False, clips=1, torus=True)
+    assert score["first_direction_ok"] and score["centroid_step"]["within"] == pytest.approx(1.5, abs=0.2)
+
+
+def test_model_world_reads_the_training_record(tmp_path):
+    assert ev.model_world(ModelSource(model="tiny", random_weights=True)) == "plain"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "training.json").write_text(json.dumps({"train_config": {"wrap": True}}))
+    assert ev.model_world(ModelSource(model=str(folder))) == "torus"
+    (folder / "training.json").write_text(json.dumps({"stages": [{"train_config": {"wrap": True}},
+                                                                 {"train_config": {}}]}))
+    assert ev.model_world(ModelSource(model=str(folder))) == "plain"  # the last stage decides
+    (folder / "training.json").write_text(json.dumps({"stages": []}))
+    assert ev.model_world(ModelSource(model=str(folder))) == "plain"
+    (folder / "training.json").unlink()
+    assert ev.model_world(ModelSource(model=str(folder))) == "plain"
+
+
 def test_single_clip_has_no_boundary_ratio():
     score = ev.score_video(clip_video(False, 0.0, clips=1), "orange", "right", 8, 2, False)
     assert score["frame_diff"]["boundary"] is None and score["frame_diff"]["ratio"] is None
@@ -274,6 +314,8 @@ def test_eval_command_rejects_bad_choices(tmp_path, capsys):
     assert code == 2 and "--prompts must be all or quick" in err and err.count("\n") == 1
     code, _, err = run_cli(["eval", "--rows", "nonsense", "--json", str(tmp_path / "e.json")], capsys)
     assert code == 2 and err.count("\n") == 1
+    code, _, err = run_cli(["eval", "--world", "flat", "--json", str(tmp_path / "e.json")], capsys)
+    assert code == 2 and "--world must be one of auto, plain, torus" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -36,6 +36,10 @@ class SceneConfig:
     p_motion: float = 0.6  # share of motion clips; the rest split between actions and pseudo-videos
     p_action: float = 0.2
     p_background_word: float = 0.5  # how often a caption names its background
+    # Motion clips on a torus: a shape leaving by one edge comes back by the opposite one, and every position is
+    # as likely at every frame. A clip can then always go on the way it was going, which is what a long video
+    # asks of the next clip; with edges, a shape near the edge it heads to must start over or turn back.
+    wrap: bool = False
 
 
 #################################################################################
@@ -43,10 +47,15 @@ class SceneConfig:
 #################################################################################
 
 
-def shape_distance(shape: torch.Tensor, cx, cy, r, xs, ys) -> torch.Tensor:
+def shape_distance(shape: torch.Tensor, cx, cy, r, xs, ys, period: float = 0.0) -> torch.Tensor:
     """Signed distance in pixels (negative inside) of circle (0), square (1) or upward triangle (2).
 
-    shape (B,) long; cx, cy, r (B, F); xs, ys (H, W) pixel centres -> (B, F, H, W)."""
+    shape (B,) long; cx, cy, r (B, F); xs, ys (H, W) pixel centres -> (B, F, H, W). With a period (the frame
+    size of a torus), the nearest of the shape's copies one period away along x or y counts too, so a shape
+    crossing an edge shows on both sides."""
+    if period:
+        copies = [(0.0, 0.0), (period, 0.0), (-period, 0.0), (0.0, period), (0.0, -period)]
+        return torch.stack([shape_distance(shape, cx + ox, cy + oy, r, xs, ys) for ox, oy in copies]).amin(0)
     dx = xs - cx[..., None, None]  # (B, F, H, W)
     dy = ys - cy[..., None, None]
     r = r[..., None, None]
@@ -102,16 +111,21 @@ def _grid(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def motion_tracks(cfg: SceneConfig, direction: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Straight motion: (cx, cy) each (B, F). Starts range from just off-screen (entering) to late positions
-    (leaving), so the model sees shapes enter and leave, which long videos need."""
+    (leaving), so the model sees shapes enter and leave, which long videos need. With cfg.wrap, starts are
+    uniform over the frame and positions wrap around it (a torus)."""
     b, device = direction.shape[0], direction.device
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
     speed = cfg.min_speed + (cfg.max_speed - cfg.min_speed) * rand(b, 1)
     t = torch.arange(cfg.frames, device=device, dtype=torch.float32)[None]  # (1, F)
-    along = -0.3 * cfg.size + 1.1 * cfg.size * rand(b, 1) + speed * t  # position along the motion, (B, F)
+    start = cfg.size * rand(b, 1) if cfg.wrap else -0.3 * cfg.size + 1.1 * cfg.size * rand(b, 1)
+    along = start + speed * t  # position along the motion, (B, F)
     across = cfg.max_radius + (cfg.size - 2 * cfg.max_radius) * rand(b, 1)  # (B, 1)
     vec = DIRECTION_XY.to(device)[direction]  # (B, 2)
     # Moving in the negative direction is the mirror image of moving in the positive one.
-    coord = lambda axis: torch.where(vec[:, axis:axis + 1] < 0, cfg.size - along, along)  # noqa: E731
+    backward = cfg.size - along
+    if cfg.wrap:
+        along, backward = along % cfg.size, backward % cfg.size
+    coord = lambda axis: torch.where(vec[:, axis:axis + 1] < 0, backward, along)  # noqa: E731
     cx = torch.where(vec[:, :1] != 0, coord(0), across.expand_as(along))
     cy = torch.where(vec[:, 1:] != 0, coord(1), across.expand_as(along))
     return cx, cy
@@ -189,7 +203,8 @@ def _objects(cfg: SceneConfig, b: int, generator, device, is_action: torch.Tenso
     radius = torch.where(growing[:, None], sizes, radius)
     ys, xs = _grid(cfg.size, device)
     canvas = backgrounds(background, cfg.size, generator)[:, :, None].expand(-1, -1, cfg.frames, -1, -1)
-    video = composite(canvas, COLOUR_RGB.to(device)[colour], shape_distance(shape, cx, cy, radius, xs, ys))
+    distance = shape_distance(shape, cx, cy, radius, xs, ys, period=cfg.size if cfg.wrap else 0.0)
+    video = composite(canvas, COLOUR_RGB.to(device)[colour], distance)
     captions = [_object_caption(cfg, generator, *v) for v in zip(
         colour.tolist(), shape.tolist(), direction.tolist(), action.tolist(), background.tolist(), is_action.tolist())]
     return video, captions

@@ -69,6 +69,10 @@ class TrainConfig:
     # batch to batch and the run made half the steps (463 vs 967 in 4.6 min); likely cuDNN autotuning each new
     # batch size (train() sets cudnn.benchmark), not measured.
     reversal_min_timestep: int = 0
+    # Straight-motion clips on a torus (SceneConfig.wrap): shapes leave by one edge and come back by the other, so
+    # the next clip of a long video can always go on the same way. Recorded in training.json; `vidrd-rt eval`
+    # reads it to measure positions around the torus.
+    wrap: bool = False
 
 
 #################################################################################
@@ -104,7 +108,7 @@ def zero_last_temporal_convs(model: VidRDModel) -> None:
 
 
 def scenes_for(model: VidRDModel, cfg: TrainConfig | None = None) -> SceneConfig:
-    shares = {} if cfg is None else {"p_motion": cfg.motion_share, "p_action": cfg.action_share}
+    shares = {} if cfg is None else {"p_motion": cfg.motion_share, "p_action": cfg.action_share, "wrap": cfg.wrap}
     return SceneConfig(size=model.config.height, frames=16, **shares)
 
 
@@ -375,12 +379,22 @@ def train(cfg: TrainConfig) -> Path:
     return out / "model"
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1"):
+        return True
+    if text.lower() in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "out":
             parser.add_argument(flag, required=True)
+        elif isinstance(field.default, bool):
+            parser.add_argument(flag, type=_yes_no, default=field.default, metavar="{yes,no}")
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
