@@ -107,8 +107,8 @@ def main(argv=None) -> None:
     if args.order == "forward":
         overlap_order.use_forward_order(row.overlap)
     pipeline_module.sample_clip = make_guided_sampler(args.weight, args.guided_steps)
-    eval_shapes.run_eval(ModelSource(model=args.model), [row], eval_shapes.eval_prompts(quick=args.prompts == "quick"),
-                         clips=args.clips, seed=args.seed, device=args.device, dtype="fp32", out_json=args.json,
+    eval_shapes.run_eval(ModelSource(model=args.model), [row],
+                         eval_shapes.eval_prompts(quick=args.prompts == "quick"), clips=args.clips, seed=args.seed, device=args.device, dtype="fp32", out_json=args.json,
                          log=print)
 
 
