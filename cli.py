@@ -78,6 +78,10 @@ def generate(
     overlap: Annotated[int, typer.Option(help="frames prompted by the previous clip (M)")] = 4,
     alpha: Annotated[float, typer.Option(help="PNS strength (Eq. 7)")] = 4.0,
     beta: Annotated[float, typer.Option(help="DSG strength (Eq. 8), in [0, 1]")] = 0.4,
+    held_frames: Annotated[str, typer.Option(
+        help="what the UNet sees of the frames DSG holds: noisy (the paper), clean (models trained for it), or "
+             "auto: clean for such a model on the torch backend at --inflight 1 (the default model), else noisy")]
+    = "auto",
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 10.0,
     negative_prompt: Annotated[str, typer.Option(help="what to steer away from")] = "",
@@ -103,15 +107,18 @@ def generate(
     from .runtime.generate import GenerateRequest
     from .runtime.progress import run_with_progress
 
+    source = _source(model, random_weights, weights_seed, ckpt, sd, vae)
+    if held_frames == "auto":
+        held_frames = auto_held_frames(source, backend, inflight)
     request = GenerateRequest(
         prompt=prompt, out=out, negative_prompt=negative_prompt, height=height, width=width,
         drop_overlap=drop_overlap, fps=fps, resume=resume,
         sampler=SamplerConfig(clips=clips, frames=frames, overlap=overlap, alpha=alpha, beta=beta, steps=steps,
-                              guidance=guidance, seed=seed, noise_prior=noise_prior),
+                              guidance=guidance, seed=seed, noise_prior=noise_prior, held_frames=held_frames),
         runtime=RuntimeConfig(device=device, dtype=dtype, backend=backend, decoder=decoder,
-                              inflight=inflight or default_inflight(device, backend, clips),
+                              inflight=inflight or default_inflight(device, backend, clips, held_frames),
                               engine_dir=engine_dir),
-        source=_source(model, random_weights, weights_seed, ckpt, sd, vae),
+        source=source,
     )
     summary = run_with_progress(request)
     typer.echo(f"wrote {summary['out']}: {summary['clips']} clips, {summary['frames']} frames, "
@@ -121,7 +128,7 @@ def generate(
 @app.command("eval")
 def eval_(
     json_path: Annotated[str, typer.Option("--json", help="result file; the markdown table goes beside it (.md)")],
-    rows: Annotated[str, typer.Option(help="all (13 ablation rows), quick (5), or row names joined by commas")]
+    rows: Annotated[str, typer.Option(help="all (24 ablation rows), quick (5), or row names joined by commas")]
     = "all",
     prompts: Annotated[str, typer.Option(help="all (24: every colour x direction) or quick (6)")] = "all",
     clips: Annotated[int, typer.Option(help="clips per video (>= 3 gives two boundaries)")] = 3,
@@ -239,12 +246,22 @@ def bench(
     typer.echo(markdown(run_bench(request)), nl=False)
 
 
-def default_inflight(device: str, backend: str, clips: int) -> int:
+def auto_held_frames(source, backend: str, inflight: Optional[int]) -> str:
+    """--held-frames auto: clean held frames where they can run (torch backend, one clip at a time) on a model
+    trained for them (measured on the default model: seams 8x the within-clip step with noisy, 1.3x with clean;
+    README), else the paper's noisy ones."""
+    from .runtime.weights import trained_for_clean_held
+
+    runs = backend == "torch" and inflight in (None, 1)
+    return "clean" if runs and trained_for_clean_held(source) else "noisy"
+
+
+def default_inflight(device: str, backend: str, clips: int, held_frames: str = "noisy") -> int:
     """Measured on an H200 (bench/RESULTS.md): 4 clips per UNet call give 1.19x the frames/s of 1 (first clip 4.6 s
     instead of 1.24 s); 8 give 1.11x more again but an 8.1 s first clip, so 4 is the default. Engines have a fixed
-    batch, and on a CPU batching gains nothing: 1 there."""
+    batch, and on a CPU batching gains nothing: 1 there. Clean held frames need the previous clip finished: 1."""
     on_gpu = device.startswith("cuda") and backend in ("torch", "compiled")
-    return 4 if on_gpu and clips >= 4 else 1
+    return 4 if on_gpu and clips >= 4 and held_frames == "noisy" else 1
 
 
 def main() -> None:

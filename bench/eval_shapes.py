@@ -31,7 +31,7 @@ import numpy as np
 from ..runtime.config import DTYPES, ConfigError, RuntimeConfig, SamplerConfig
 from ..runtime.noise import TorchNoise
 from ..runtime.pipeline import VideoPipeline, encode_prompt
-from ..runtime.weights import DEFAULT_MODEL, ModelSource, load_model
+from ..runtime.weights import ModelSource, last_training_stage, load_model
 from ..training.vocab import COLOURS, DIRECTIONS, EVAL_PROMPTS, motion_prompt
 from .report import atomic_write_bytes
 
@@ -271,16 +271,19 @@ def near_seam(track: np.ndarray, pairs: Sequence[tuple[int, int]], overlap: int,
     """Per seam, the largest centroid step over the seam pair and the overlap (M) pairs after it ("max", NaN if
     none), and the mean step over all other pairs ("away"). With all frames kept, a strong DSG turns the seam pair
     itself into a near copy and moves the jump into the new clip's first frames; this catches it there, and keeps
-    the moved jump out of the yardstick."""
+    the moved jump out of the yardstick. "profile": per seam, the step of each of those pairs in order (NaN where
+    the object was not found); summarise() averages each position over seams, so one noisy pair does not count as
+    a jump the way the per-seam maximum does."""
     steps = centroid_steps(track, wrap)  # [F-1]
     near = np.zeros(len(steps), dtype=bool)
-    largest = []
+    largest, profile = [], []
     for i, _ in pairs:
         near[i : i + overlap + 1] = True
         window = steps[i : i + overlap + 1]
+        profile.append([float(v) for v in window] + [math.nan] * (overlap + 1 - len(window)))
         window = window[np.isfinite(window)]
         largest.append(float(window.max()) if len(window) else math.nan)
-    return {"max": largest, "away": _mean(steps[~near])}
+    return {"max": largest, "away": _mean(steps[~near]), "profile": profile}
 
 
 ##### one video
@@ -341,9 +344,11 @@ class EvalConfig:
     beta: float = 0.4  # DSG
     drop_overlap: bool = False
     decoder: str = "temporal"  # or "per-frame"
+    held_frames: str = "noisy"  # or "clean": DSG shows the held frames finished (models trained for it)
 
     def sampler(self, base: SamplerConfig) -> SamplerConfig:
-        return dataclasses.replace(base, overlap=self.overlap, alpha=self.alpha, beta=self.beta)
+        return dataclasses.replace(base, overlap=self.overlap, alpha=self.alpha, beta=self.beta,
+                                   held_frames=self.held_frames)
 
 
 def ablation_configs(quick: bool = False) -> list[EvalConfig]:
@@ -374,6 +379,18 @@ def ablation_configs(quick: bool = False) -> list[EvalConfig]:
         *(EvalConfig(f"M={m}", overlap=m) for m in (2, 8)),
         EvalConfig("M=8/drop-overlap", overlap=8, drop_overlap=True),
         EvalConfig("alpha=16+beta=0.8", alpha=16.0, beta=0.8),  # the two strongest single settings together
+        # DSG with clean held frames (SamplerConfig.held_frames): only for a model trained with continuations.
+        *clean_held_configs(),
+    ]
+
+
+def clean_held_configs() -> list[EvalConfig]:
+    """The rows with held frames shown clean at every step (a model trained with --context-share; beta is not
+    used): all frames, drop-overlap, and without PNS."""
+    return [
+        EvalConfig("clean-held", held_frames="clean"),
+        EvalConfig("clean-held/drop-overlap", held_frames="clean", drop_overlap=True),
+        EvalConfig("clean-held/alpha=0", alpha=0.0, held_frames="clean"),
     ]
 
 
@@ -415,15 +432,7 @@ WORLDS = ("auto", "plain", "torus")
 def model_world(source: ModelSource) -> str:
     """"torus" if the model folder's training.json says its last stage drew motion on a torus
     (train_config.wrap), else "plain" (presets, random weights, the authors' layout, older models)."""
-    kind = source.kind()
-    folder = DEFAULT_MODEL if kind == "default" else Path(source.model) if kind == "converted" else None
-    info_file = folder / "training.json" if folder is not None else None
-    if info_file is None or not info_file.is_file():
-        return "plain"
-    info = json.loads(info_file.read_text())
-    stages = info.get("stages", [info])  # the shipped card lists stages; train.py writes one
-    last = stages[-1] if stages else {}
-    return "torus" if last.get("train_config", {}).get("wrap") else "plain"
+    return "torus" if last_training_stage(source).get("wrap") else "plain"
 
 
 def run_eval(source: ModelSource, configs: Sequence[EvalConfig], prompts: Sequence[tuple[str, str, str]],
@@ -510,6 +519,13 @@ def summarise(config: EvalConfig, scores: list[dict]) -> dict:
     row["near_seam_max"] = _mean([m for s in scores for m in s["near_seam"]["max"]])  # pooled over seams
     row["near_seam_away"] = _mean([s["near_seam"]["away"] for s in scores])
     row["near_seam_ratio"] = _ratio(row["near_seam_max"], row["near_seam_away"])
+    profile = np.array([p for s in scores for p in s["near_seam"].get("profile", [])], dtype=float)  # [seams, M+1]
+    # mean step of the seam pair and of each of the M pairs after it, by position (NaN where never measured)
+    means = [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in profile.T] if profile.size else []
+    row["near_seam_profile"] = means
+    finite = [m for m in means if math.isfinite(m)]
+    row["worst_near_seam"] = max(finite) if finite else None
+    row["worst_near_seam_ratio"] = _ratio(row["worst_near_seam"], row["centroid_step_within"])
     return {**row, "videos": scores}
 
 
@@ -525,6 +541,7 @@ COLUMNS = [  # (key, header, format)
     ("seams_with_room", "seams with room", ".2f"),
     ("centroid_step_ratio_room", "centroid ratio, seams with room", ".2f"),
     ("near_seam_max", "largest step near seam (px)", ".2f"), ("near_seam_ratio", "near-seam ratio", ".2f"),
+    ("worst_near_seam", "worst pair near seam (px)", ".2f"), ("worst_near_seam_ratio", "worst-pair ratio", ".2f"),
 ]
 
 
@@ -548,7 +565,9 @@ def markdown(doc: dict) -> str:
             f"with room: share of seams where the object had room ahead (toward the prompted edge) for the next "
             f"clip's motion (on a torus: every seam); the next column is the centroid ratio over those seams alone. "
             f"Largest step near seam: the largest centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
-            f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs.")
+            f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs. Worst pair "
+            f"near seam: of the seam pair and the M pairs after it, the one with the largest mean step over seams; "
+            f"worst-pair ratio: that over the within-clip step.")
     lines = ["# vidrd-rt eval", "", head, "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in COLUMNS) + "|"]

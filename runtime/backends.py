@@ -1,6 +1,7 @@
 """Backends: callables that run the networks. They take tensors and know nothing about FNR, PNS or DSG.
 
-A denoiser is `(sample [2B, 4, F, h, w], timestep [2B], context [2B, 77, D]) -> noise prediction like sample`;
+A denoiser is `(sample [2B, 4, F, h, w], timestep [2B], context [2B, 77, D]) -> noise prediction like sample`
+(the eager torch one also takes timestep [2B, F], a noise level per frame, for SamplerConfig.held_frames "clean");
 a decoder is `latents [B, 4, F, h, w] -> frames [B, 3, F, H, W] in [0, 1]`. Latents stay float32 in the sampler;
 a backend casts to its own precision at the boundary. A denoiser may also offer `compile_step(build)`: the pipeline
 then hands it `build` (denoiser -> the sampler's whole step function) and runs the step it returns

@@ -214,6 +214,9 @@ def model_preset(name: str) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+HELD_FRAMES = ("noisy", "clean")  # SamplerConfig.held_frames
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Long-video sampling (paper section 4.3): N frames per clip, M of them prompted by the previous clip."""
@@ -228,6 +231,12 @@ class SamplerConfig:
     eta: float = 0.0
     noise_prior: float = 0.0  # optional progressive (PYoCo) prior on clip 0's initial noise; 0 = i.i.d.
     seed: int = 0
+    # What the UNet sees of the M frames DSG holds. "noisy" (the paper, Eq. 8): the previous clip's latents at the
+    # same step, for the steps beta sets. "clean": the previous clip's finished frames (FNR order) at timestep 0
+    # (a per-frame timestep), at every step, so the free frames know where things are from the first step and the
+    # held frames are copies (beta is not used). Only for models trained so (training/train.py --context-share);
+    # clips then run one after another (the backend must be torch, --inflight 1).
+    held_frames: str = "noisy"
 
     def __post_init__(self):
         checks = [
@@ -239,6 +248,8 @@ class SamplerConfig:
             (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
             (self.noise_prior >= 0, f"--noise-prior must be >= 0 (got {self.noise_prior})"),
             (self.eta == 0.0, "only eta = 0 (deterministic DDIM) is supported"),
+            (self.held_frames in HELD_FRAMES, f"--held-frames must be {' or '.join(HELD_FRAMES)} "
+                                              f"(got {self.held_frames!r})"),
         ]
         for ok, message in checks:
             if not ok:

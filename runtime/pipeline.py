@@ -26,6 +26,14 @@ def check_size(model: VidRDModel, height: int, width: int) -> None:
                               f"(the model's default is {model.config.height}x{model.config.width})")
 
 
+def check_held_frames(runtime: RuntimeConfig, sampler: SamplerConfig) -> None:
+    """Clean held frames need the previous clip finished (no wavefront) and per-frame timesteps (the torch UNet;
+    exported engines take one timestep per clip)."""
+    if sampler.held_frames == "clean" and (runtime.backend != "torch" or runtime.inflight != 1):
+        raise ConfigError("--held-frames clean runs clips one after another through the PyTorch UNet: "
+                          "use --backend torch --inflight 1, or --held-frames noisy")
+
+
 @torch.inference_mode()
 def encode_prompt(model: VidRDModel, prompt: str, negative_prompt: str = "", device="cpu") -> torch.Tensor:
     """Text -> CFG context [2, 77, D] ordered [uncond, cond], float32."""
@@ -96,6 +104,7 @@ class VideoPipeline:
     def step_for(self, sampler: SamplerConfig) -> tuple:
         """The DDIM table and the step function (None: the sequential reference loop runs instead), built once per
         (steps, overlap, guidance), and compiled when the backend offers compile_step (runtime/compiled.py)."""
+        check_held_frames(self.runtime, sampler)
         key = (sampler.steps, sampler.overlap, sampler.guidance)
         if key not in self._steps:
             table = DDIMTable.build(self.model.config.scheduler, sampler.steps, self.runtime.device)

@@ -29,26 +29,37 @@ class ClipState:
     prev_initial: torch.Tensor  # [B, C, N, h, w] previous clip's initial latents (its pre-UNet latents at step 0)
     prev_heads: torch.Tensor  # [S, B, C, M, h, w] previous clip's pre-UNet latents at DSG step i, reversed, first M
     clips_done: int = 0
+    # held_frames "clean" only: the previous clip's finished latents of its last M frames, reversed
+    prev_final_head: Optional[torch.Tensor] = None  # [B, C, M, h, w]
 
     @classmethod
-    def allocate(cls, batch, channels, frames, height, width, overlap, dsg_steps, device, dtype) -> "ClipState":
+    def allocate(cls, batch, channels, frames, height, width, overlap, dsg_steps, device, dtype,
+                 clean_heads: bool = False) -> "ClipState":
         """Zeroed buffers for latents of shape [batch, channels, frames, height, width]; height/width in latents."""
         prev_initial = torch.zeros(batch, channels, frames, height, width, device=device, dtype=dtype)
         prev_heads = torch.zeros(dsg_steps, batch, channels, overlap, height, width, device=device, dtype=dtype)
-        return cls(prev_initial, prev_heads, 0)
+        final = torch.zeros(batch, channels, overlap, height, width, device=device, dtype=dtype) if clean_heads else None
+        return cls(prev_initial, prev_heads, 0, final)
 
     @classmethod
     def for_config(cls, cfg: SamplerConfig, batch, channels, height, width, device, dtype) -> "ClipState":
         """Allocate with N, M and the DSG buffer depth S taken from a SamplerConfig."""
-        depth = dsg_steps(dsg_schedule(cfg.steps, cfg.overlap, cfg.beta))
-        return cls.allocate(batch, channels, cfg.frames, height, width, cfg.overlap, depth, device, dtype)
+        clean = cfg.held_frames == "clean"
+        depth = 0 if clean else dsg_steps(dsg_schedule(cfg.steps, cfg.overlap, cfg.beta))  # clean: no step slots
+        return cls.allocate(batch, channels, cfg.frames, height, width, cfg.overlap, depth, device, dtype,
+                            clean_heads=clean)
+
+    def _buffers(self) -> tuple[str, ...]:
+        return ("prev_initial", "prev_heads") + (() if self.prev_final_head is None else ("prev_final_head",))
 
     def state_dict(self) -> dict:
         """The live buffers (not copies, as nn.Module.state_dict) and the clip counter; torch.save or clone them."""
-        return {"prev_initial": self.prev_initial, "prev_heads": self.prev_heads, "clips_done": self.clips_done}
+        return {**{name: getattr(self, name) for name in self._buffers()}, "clips_done": self.clips_done}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("prev_initial", "prev_heads"):
+        for name in self._buffers():
+            if name not in state:
+                raise ValueError(f"ClipState.{name}: not in the saved state (saved with other sampler settings)")
             mine, theirs = getattr(self, name), state[name]
             if mine.shape != theirs.shape:
                 raise ValueError(f"ClipState.{name}: saved shape {tuple(theirs.shape)} != {tuple(mine.shape)}")
@@ -87,10 +98,10 @@ def _start_latents(state: ClipState, cfg: SamplerConfig, noise: NoiseSource) -> 
 def guided_output(denoise: Denoise, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, w: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): u + w (c - u), CFG batched as [uncond, cond].
 
-    t is [] (one step for the batch) or [B] (each clip at its own step); context is [2B, L, D] ordered
-    [uncond x B, cond x B], matching the [x, x] batch.
+    t is [] (one step for the batch), [B] (each clip at its own step) or [B, N] (each frame at its own noise
+    level); context is [2B, L, D] ordered [uncond x B, cond x B], matching the [x, x] batch.
     """
-    t = t.expand(x.shape[0])  # [B]
+    t = t if t.ndim == 2 else t.expand(x.shape[0])  # [B] or [B, N]
     out = denoise(torch.cat([x, x]), torch.cat([t, t]), context)  # [2B, C, N, h, w]
     u, c = out.chunk(2)  # each [B, C, N, h, w]
     return u + w * (c - u)  # [B, C, N, h, w]
@@ -107,23 +118,46 @@ def sample_clip(
 ) -> torch.Tensor:
     """Denoise the next clip of the video (Eq. 5-8) and advance `state`; returns its x0 latents [B, C, N, h, w]."""
     mask, active, depth = _dsg_plan(cfg.steps, cfg.overlap, cfg.beta, state.prev_heads.device)
+    clean_run = cfg.held_frames == "clean"  # the held frames are shown finished at every step: no step slots
+    depth = 0 if clean_run else depth
     _check_shapes(table, state, cfg, depth)
     reuse = state.clips_done > 0
+    clean = reuse and clean_run and cfg.overlap > 0  # this clip's first M frames are held clean
+    if clean_run and state.prev_final_head is None:
+        raise ConfigError("held_frames 'clean' needs a ClipState allocated for it (ClipState.for_config)")
     x = _start_latents(state, cfg, noise)  # [B, C, N, h, w]
     for i in range(cfg.steps):
-        if reuse and active[i]:
+        if reuse and not clean and active[i]:
             x = dsg_overwrite(x, state.prev_heads[i], mask[i])  # [B, C, N, h, w]
         # Read (above) before write (below): slot i holds clip k-1's latents until clip k has used them.
         if i < depth:
             state.prev_heads[i].copy_(reversed_head(x, cfg.overlap))  # [B, C, M, h, w]
         if i == 0:
             state.prev_initial.copy_(x)  # [B, C, N, h, w]; PNS of this clip has already read the old value
-        out = guided_output(denoise, x, table.timesteps[i], context, cfg.guidance)  # [B, C, N, h, w]
+        if clean:
+            out = clean_held_output(denoise, x, state.prev_final_head, table.timesteps[i], context, cfg.guidance)
+        else:
+            out = guided_output(denoise, x, table.timesteps[i], context, cfg.guidance)  # [B, C, N, h, w]
         x = ddim_step(table, x, out, table.step_indices[i])  # [B, C, N, h, w]
         if callback is not None:
             callback({"clip": state.clips_done, "step": i, "latents": x})
+    if clean:
+        x = torch.cat([state.prev_final_head, x[:, :, cfg.overlap :]], dim=2)  # held frames: the finished ones
+    if state.prev_final_head is not None:
+        state.prev_final_head.copy_(reversed_head(x, cfg.overlap))  # [B, C, M, h, w]
     state.clips_done += 1
     return x
+
+
+def clean_held_output(denoise: Denoise, x: torch.Tensor, final_head: torch.Tensor, timestep: torch.Tensor,
+                      context: torch.Tensor, w: float) -> torch.Tensor:
+    """The guided UNet output at step `timestep` with the first M frames shown as the previous clip's finished
+    frames (final_head, reversed as FNR orders them) at timestep 0 (SamplerConfig.held_frames "clean")."""
+    b, _, n = x.shape[:3]
+    m = final_head.shape[2]
+    shown = torch.cat([final_head, x[:, :, m:]], dim=2)  # [B, C, N, h, w]
+    t = torch.cat([torch.zeros_like(timestep).expand(m), timestep.expand(n - m)]).expand(b, n)  # [B, N]
+    return guided_output(denoise, shown, t, context, w)  # [B, C, N, h, w]; its first M frames are not used
 
 
 # The whole-step seam: (x [B, C, N, h, w], step_index [B] int64, prev_head [B, C, M, h, w], mask_row [B, M] bool,

@@ -44,8 +44,9 @@ class ResnetBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x, frames)))  # (BF, Cout, H, W)
-        t = self.time_emb_proj(F.silu(temb))  # (B, Cout): one timestep per clip
-        t = t[:, None, :].expand(-1, frames, -1).reshape(-1, t.shape[-1])  # (BF, Cout): same for every frame
+        t = self.time_emb_proj(F.silu(temb))  # (B, Cout) one timestep per clip, or (BF, Cout) one per frame
+        if t.shape[0] != h.shape[0]:
+            t = t[:, None, :].expand(-1, frames, -1).reshape(-1, t.shape[-1])  # (BF, Cout): same for every frame
         h = h + t[:, :, None, None]  # (BF, Cout, H, W)
         h = self.conv2(self.dropout(F.silu(self.norm2(h, frames))))  # (BF, Cout, H, W)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -210,10 +211,12 @@ class MidBlock(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """forward(sample (B, 4, F, h, w), timestep (B,), context (B, L, D)) -> noise prediction (B, 4, F, h, w).
+    """forward(sample (B, 4, F, h, w), timestep (B,) or (B, F), context (B, L, D)) -> noise prediction like sample.
 
     Each batch element has its own timestep, so classifier-free guidance halves and several clips at different
-    denoising steps can share one call.
+    denoising steps can share one call. A (B, F) timestep gives each frame its own noise level (the time embedding
+    is added per folded frame anyway): a model trained so can be shown some frames clean (DSG's held frames,
+    SamplerConfig.held_frames).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -251,7 +254,8 @@ class UNet3D(nn.Module):
         b, _, frames, height, width = sample.shape
         x = sample.permute(0, 2, 1, 3, 4).reshape(b * frames, -1, height, width)  # (BF, 4, h, w)
         x = x.contiguous(memory_format=torch.channels_last)  # physically (B, F, h, w, C): see layers.py
-        temb = self.time_embedding(self.time_proj(timestep.expand(b)).to(sample.dtype))  # (B, 4*C0)
+        steps = timestep.reshape(-1) if timestep.ndim == 2 else timestep.expand(b)  # (BF,) per frame, else (B,)
+        temb = self.time_embedding(self.time_proj(steps).to(sample.dtype))  # (BF or B, 4*C0)
         context = context.to(sample.dtype)
         x = self.conv_in(x)  # (BF, C0, h, w)
         skips = [x]

@@ -199,6 +199,26 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
     return model.eval_()
 
 
+def last_training_stage(source: ModelSource) -> dict:
+    """The train_config of the last training stage recorded in the model folder's training.json ({} for presets,
+    random weights, the authors' layout and folders without one). The shipped card lists stages; train.py writes
+    one."""
+    kind = source.kind()
+    folder = DEFAULT_MODEL if kind == "default" else Path(source.model) if kind == "converted" else None
+    info_file = folder / "training.json" if folder is not None else None
+    if info_file is None or not info_file.is_file():
+        return {}
+    info = json.loads(info_file.read_text())
+    stages = info.get("stages", [info])
+    return (stages[-1] if stages else {}).get("train_config", {})
+
+
+def trained_for_clean_held(source: ModelSource) -> bool:
+    """Whether the model was trained with continuations (training/train.py --context-share), so that the sampler
+    may show DSG's held frames clean (SamplerConfig.held_frames "clean")."""
+    return last_training_stage(source).get("context_share", 0.0) > 0
+
+
 def random_model(config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> VidRDModel:
     """Every parameter drawn (none left zero), at scales that keep activations finite; for tests and benchmarks."""
     model = VidRDModel.build(config, device="meta")

@@ -180,7 +180,7 @@ def test_seams_with_room_split_edge_restarts_from_sampling_jumps():
 def test_near_seam_window_catches_a_jump_moved_past_a_copied_seam_frame():
     # Clip 0 ends at x = 10; the seam pair is a copy (x = 10 again), then the new clip jumps to 20 and moves on.
     track = np.array([[8.0, 5.0], [9.0, 5.0], [10.0, 5.0], [10.0, 5.0], [20.0, 5.0], [21.0, 5.0]])
-    assert ev.near_seam(track, [(2, 3)], overlap=1) == {"max": [10.0], "away": 1.0}
+    assert ev.near_seam(track, [(2, 3)], overlap=1) == {"max": [10.0], "away": 1.0, "profile": [[0.0, 10.0]]}
     assert ev.near_seam(track, [(2, 3)], overlap=0)["max"] == [0.0]  # the seam pair alone sees no jump
     score = ev.score_video(clip_video(False, 8.0), "orange", "right", 8, 2, False)
     assert score["near_seam"]["max"] == pytest.approx([9.2, 9.2], abs=0.3)

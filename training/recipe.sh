@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the default model from scratch on one GPU (~57 min on an H100/H200) and install it as the shipped default.
+# Train the default model from scratch on one GPU (~69 min on an H100/H200) and install it as the shipped default.
 #   bash training/recipe.sh [runs]        (run from the repository root)
 # The stages are time-budgeted, so a rerun gives a model of the same kind, not the same bits.
 set -euo pipefail
@@ -32,8 +32,16 @@ python -m vidrd_rt.training.train --out "$runs/stage8" --device cuda --vae-minut
 python -m vidrd_rt.training.train --out "$runs/stage9" --device cuda --vae-minutes 0 --unet-minutes 6.5 \
     --init "$runs/stage8/model" --seed 11 --high-noise-share 0.5 --motion-share 0.9 --action-share 0.05 \
     --reversal-weight 0.1 --ema-decay 0.99 --reversal-min-timestep 600 --wrap yes
+# Stage 10: continuations for clean held frames (ninth session), two halves: 1..M held frames at random, then all M.
+python -m vidrd_rt.training.train --out "$runs/stage10a" --device cuda --vae-minutes 0 --unet-minutes 6 \
+    --init "$runs/stage9/model" --seed 21 --high-noise-share 0.5 --motion-share 0.9 --action-share 0.05 \
+    --reversal-weight 0.1 --ema-decay 0.99 --reversal-min-timestep 600 --wrap yes \
+    --context-share 0.5 --context-random-held yes
+python -m vidrd_rt.training.train --out "$runs/stage10" --device cuda --vae-minutes 0 --unet-minutes 6 \
+    --init "$runs/stage10a/model" --seed 30 --high-noise-share 0.5 --motion-share 0.9 --action-share 0.05 \
+    --reversal-weight 0.1 --ema-decay 0.99 --reversal-min-timestep 600 --wrap yes --context-share 0.5
 rm -rf runtime/assets/default_model.new
-cp -r "$runs/stage9/model" runtime/assets/default_model.new
+cp -r "$runs/stage10/model" runtime/assets/default_model.new
 cp runtime/assets/default_model/MODEL_CARD.md runtime/assets/default_model.new/ 2>/dev/null || true
 rm -rf runtime/assets/default_model && mv runtime/assets/default_model.new runtime/assets/default_model
 echo "installed runtime/assets/default_model"

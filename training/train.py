@@ -73,6 +73,14 @@ class TrainConfig:
     # the next clip of a long video can always go on the same way. Recorded in training.json; `vidrd-rt eval`
     # reads it to measure positions around the torus.
     wrap: bool = False
+    # Continuations (held_frames "clean" in the sampler): this share of each batch is laid out as a clip that DSG
+    # prompts, the previous clip's last M frames reversed and then onwards (continuation_order), and its first M
+    # frames are given clean at timestep 0; the loss covers the other frames. 0: off (the paper's training).
+    context_share: float = 0.0
+    context_frames: int = 4  # M of the sampler this trains for
+    # Each continuation holds a random 1..M of its first frames clean instead of all M (stage 10's first half; the
+    # sampler holds all M, which is what the second half trained for).
+    context_random_held: bool = False
 
 
 #################################################################################
@@ -213,12 +221,40 @@ def training_timesteps(b: int, steps: int, high_share: float, generator, device)
     return torch.where(pick, high, t)
 
 
-def clip_errors(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """(B,) mean squared epsilon error of each clip, weighted per cell if weights are given."""
+def clip_errors(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean squared epsilon error of each clip, weighted per cell if weights are given, over the frames
+    `keep` (B, 1, F, 1, 1) marks if given (the others are given clean: nothing to predict)."""
     err = (pred.float() - noise).pow(2)
-    if weights is not None:
-        err = err * weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
-    return err.mean(dim=(1, 2, 3, 4))
+    if weights is None and keep is None:
+        return err.mean(dim=(1, 2, 3, 4))
+    w = torch.ones_like(err[:, :1]) if weights is None else weights.float()  # (B, 1, F, h, w)
+    w = w if keep is None else w * keep
+    return (err * w).sum(dim=(1, 2, 3, 4)) / (w.sum(dim=(1, 2, 3, 4)) * err.shape[1])
+
+
+def continuation_order(frames: int, overlap: int) -> list[int]:
+    """Scene frame of each clip frame when the clip continues another the way FNR and DSG lay it out: frame j < M
+    shows the previous clip's frame N-1-j (scene frames M-1 .. 0 here), and the clip goes on from there (1 ..)."""
+    return list(range(overlap - 1, -1, -1)) + list(range(1, frames - overlap + 1))
+
+
+def context_layout(video: torch.Tensor, share: float, overlap: int, random_held: bool = False,
+                   generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first round(share * B) clips of a batch become continuations (continuation_order); returns the video and
+    (B,) how many leading frames of each clip are given clean (M for those, or 1..M at random with random_held;
+    0 for the rest)."""
+    b, frames = video.shape[0], video.shape[2]
+    count = round(share * b)
+    held = torch.zeros(b, dtype=torch.long, device=video.device)
+    if count == 0 or overlap == 0:
+        return video, held
+    order = torch.tensor(continuation_order(frames, overlap), device=video.device)
+    video = torch.cat([video[:count].index_select(2, order), video[count:]])
+    held[:count] = overlap
+    if random_held:
+        held[:count] = torch.randint(1, overlap + 1, (count,), device=video.device, generator=generator)
+    return video, held
 
 
 def reversal_contrast(err_true: torch.Tensor, err_reversed: torch.Tensor, sharpness: float) -> torch.Tensor:
@@ -263,19 +299,29 @@ def reversal_for(tokenizer, captions: list[str], cfg: TrainConfig) -> Reversal |
 
 def diffusion_loss(model, latents, ids, alphas: torch.Tensor, gamma: float, generator,
                    weights: torch.Tensor | None = None, high_share: float = 0.0,
-                   reversal: Reversal | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   reversal: Reversal | None = None,
+                   held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Epsilon prediction at a random training timestep per clip, Min-SNR weighted (and per cell, if given), plus
-    the time-reversal contrast on the clips `reversal` names. Returns the loss and, with a contrast, the mean
-    relative error gap of the reversed captions (> 0: the model tells the arrow of time from the caption)."""
-    b = latents.shape[0]
+    the time-reversal contrast on the clips `reversal` names. `held` (B,): the first held[b] frames of clip b are
+    given clean at timestep 0 and left out of the loss. Returns the loss and, with a contrast, the mean relative
+    error gap of the reversed captions (> 0: the model tells the arrow of time from the caption)."""
+    b, frames = latents.shape[0], latents.shape[2]
     t = training_timesteps(b, alphas.numel(), high_share, generator, latents.device)
     noise = torch.randn(latents.shape, device=latents.device, generator=generator)
     a = alphas[t].view(b, 1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    per_clip = clip_errors(model.unet(noisy, t, model.text_encoder(ids)), noise, weights)
+    steps, keep = t, None
+    if held is not None and bool((held > 0).any()):
+        clean = torch.arange(frames, device=latents.device)[None] < held[:, None]  # (B, F)
+        steps = torch.where(clean, 0, t[:, None])  # (B, F): a timestep per frame
+        noisy = torch.where(clean[:, None, :, None, None], latents, noisy)
+        keep = (~clean).float()[:, None, :, None, None]  # (B, 1, F, 1, 1)
+    per_clip = clip_errors(model.unet(noisy, steps, model.text_encoder(ids)), noise, weights, keep)
     snr = alphas[t] / (1 - alphas[t])
     weight = snr.clamp(max=gamma) / snr  # Min-SNR-gamma for epsilon prediction
     loss = (weight * per_clip).mean()
+    if reversal is not None and keep is not None:
+        t = torch.where(held > 0, -1, t)  # continuations are not asked to tell the arrow of time
     i, reversed_ids = reversal.chosen(t) if reversal is not None else (None, None)
     if i is None or i.numel() == 0:
         return loss, None
@@ -301,6 +347,8 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
     clock, scenes, last_save = Clock(cfg.unet_minutes, cfg.max_steps, "unet"), scenes_for(model, cfg), time.time()
     while clock.running():
         video, captions = sample_batch(scenes, cfg.unet_batch, generator, cfg.device)
+        video, held = context_layout(video, cfg.context_share, cfg.context_frames,
+                                     cfg.context_random_held, generator)
         captions = drop_captions(captions, cfg.uncond_prob, generator)
         ids = tokenize(model.tokenizer, captions).to(cfg.device)
         reversal = reversal_for(model.tokenizer, captions, cfg)
@@ -309,7 +357,7 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
         with torch.autocast(device_type=_device_type(cfg), dtype=torch.bfloat16, enabled=_cuda(cfg)):
             weights = latent_object_weights(video, latents.shape[-1], cfg.object_weight)
             loss, gap = diffusion_loss(model, latents, ids, alphas, cfg.min_snr_gamma, generator, weights,
-                                       cfg.high_noise_share, reversal)
+                                       cfg.high_noise_share, reversal, held)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
