@@ -108,8 +108,10 @@ def generate(
     from .runtime.progress import run_with_progress
 
     source = _source(model, random_weights, weights_seed, ckpt, sd, vae)
+    if held_frames not in ("auto", "noisy", "clean"):
+        _fail(f"--held-frames must be auto, noisy or clean (got {held_frames!r})")
     if held_frames == "auto":
-        held_frames = auto_held_frames(source, backend, inflight)
+        held_frames = auto_held_frames(source, backend, inflight, overlap)
     request = GenerateRequest(
         prompt=prompt, out=out, negative_prompt=negative_prompt, height=height, width=width,
         drop_overlap=drop_overlap, fps=fps, resume=resume,
@@ -128,7 +130,7 @@ def generate(
 @app.command("eval")
 def eval_(
     json_path: Annotated[str, typer.Option("--json", help="result file; the markdown table goes beside it (.md)")],
-    rows: Annotated[str, typer.Option(help="all (24 ablation rows), quick (5), or row names joined by commas")]
+    rows: Annotated[str, typer.Option(help="all (22 ablation rows), quick (5), or row names joined by commas")]
     = "all",
     prompts: Annotated[str, typer.Option(help="all (24: every colour x direction) or quick (6)")] = "all",
     clips: Annotated[int, typer.Option(help="clips per video (>= 3 gives two boundaries)")] = 3,
@@ -246,14 +248,20 @@ def bench(
     typer.echo(markdown(run_bench(request)), nl=False)
 
 
-def auto_held_frames(source, backend: str, inflight: Optional[int]) -> str:
+def auto_held_frames(source, backend: str, inflight: Optional[int], overlap: int) -> str:
     """--held-frames auto: clean held frames where they can run (torch backend, one clip at a time) on a model
-    trained for them (measured on the default model: seams 8x the within-clip step with noisy, 1.3x with clean;
-    README), else the paper's noisy ones."""
-    from .runtime.weights import trained_for_clean_held
+    trained for them with this M (measured on the default model: seams 8x the within-clip step with noisy, 1.3x
+    with clean; README), else the paper's noisy ones, with a note when the model could have had clean ones."""
+    from .runtime.weights import clean_held_overlap
 
-    runs = backend == "torch" and inflight in (None, 1)
-    return "clean" if runs and trained_for_clean_held(source) else "noisy"
+    trained = clean_held_overlap(source)
+    if not trained:
+        return "noisy"
+    if backend == "torch" and inflight in (None, 1) and overlap == trained:
+        return "clean"
+    typer.echo(f"note: this model was trained for --held-frames clean (torch backend, --inflight 1, --overlap "
+               f"{trained}); these settings use the paper's noisy held frames, whose seams jump more", err=True)
+    return "noisy"
 
 
 def default_inflight(device: str, backend: str, clips: int, held_frames: str = "noisy") -> int:

@@ -521,7 +521,7 @@ def summarise(config: EvalConfig, scores: list[dict]) -> dict:
     row["near_seam_ratio"] = _ratio(row["near_seam_max"], row["near_seam_away"])
     profile = np.array([p for s in scores for p in s["near_seam"].get("profile", [])], dtype=float)  # [seams, M+1]
     # mean step of the seam pair and of each of the M pairs after it, by position (NaN where never measured)
-    means = [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in profile.T] if profile.size else []
+    means = [float(np.nanmean(c)) if np.isfinite(c).any() else math.nan for c in profile.T] if profile.size else []
     row["near_seam_profile"] = means
     finite = [m for m in means if math.isfinite(m)]
     row["worst_near_seam"] = max(finite) if finite else None
@@ -565,8 +565,8 @@ def markdown(doc: dict) -> str:
             f"with room: share of seams where the object had room ahead (toward the prompted edge) for the next "
             f"clip's motion (on a torus: every seam); the next column is the centroid ratio over those seams alone. "
             f"Largest step near seam: the largest centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
-            f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs. Worst pair "
-            f"near seam: of the seam pair and the M pairs after it, the one with the largest mean step over seams; "
+            f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs. "
+            f"Worst pair near seam: of the seam pair and the M pairs after it, the one with the largest mean step over seams; "
             f"worst-pair ratio: that over the within-clip step.")
     lines = ["# vidrd-rt eval", "", head, "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",

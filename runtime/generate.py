@@ -26,7 +26,7 @@ from .config import RuntimeConfig, SamplerConfig
 from .errors import Interrupted, UserError
 from .noise import TorchNoise
 from .overlap import ClipSink
-from .pipeline import VideoPipeline, encode_prompt
+from .pipeline import VideoPipeline, check_held_frames, encode_prompt
 from .video_io import ClipFrameStore, OutputError, atomic_torch_save, check_output_path, open_writer, run_dir_for
 from .weights import ModelSource, load_model
 
@@ -78,6 +78,7 @@ def generate(request: GenerateRequest, on_clip: Optional[Callable] = None, on_st
     if not request.prompt.strip():
         raise UserError('the prompt is empty: give --prompt "what the video shows"')
     check_output_path(request.out, overwrite=request.resume)  # fail fast, before the model loads
+    check_held_frames(request.runtime, request.sampler)
     model = load_model(request.source, request.runtime.torch_dtype, request.runtime.device)
     height, width = request.height or model.config.height, request.width or model.config.width
     check_output_path(request.out, height, width, overwrite=request.resume)

@@ -23,7 +23,9 @@ class ClipState:
 
     Clip k at step i reads only clip k-1's slot i (and its initial latents), and writes the same slot right after
     reading it, so one buffer serves both a sequential run and a wavefront driver that keeps clip k one step
-    behind clip k-1, provided it does the same read-then-write within each batched step.
+    behind clip k-1, provided it does the same read-then-write within each batched step. With clean held frames
+    (SamplerConfig.held_frames) clip k reads clip k-1's finished frames instead (prev_final_head), so clips run one
+    after another.
     """
 
     prev_initial: torch.Tensor  # [B, C, N, h, w] previous clip's initial latents (its pre-UNet latents at step 0)
@@ -38,16 +40,17 @@ class ClipState:
         """Zeroed buffers for latents of shape [batch, channels, frames, height, width]; height/width in latents."""
         prev_initial = torch.zeros(batch, channels, frames, height, width, device=device, dtype=dtype)
         prev_heads = torch.zeros(dsg_steps, batch, channels, overlap, height, width, device=device, dtype=dtype)
-        final = torch.zeros(batch, channels, overlap, height, width, device=device, dtype=dtype) if clean_heads else None
+        final = None
+        if clean_heads:
+            final = torch.zeros(batch, channels, overlap, height, width, device=device, dtype=dtype)
         return cls(prev_initial, prev_heads, 0, final)
 
     @classmethod
     def for_config(cls, cfg: SamplerConfig, batch, channels, height, width, device, dtype) -> "ClipState":
         """Allocate with N, M and the DSG buffer depth S taken from a SamplerConfig."""
-        clean = cfg.held_frames == "clean"
-        depth = 0 if clean else dsg_steps(dsg_schedule(cfg.steps, cfg.overlap, cfg.beta))  # clean: no step slots
+        depth = step_slots(cfg, dsg_steps(dsg_schedule(cfg.steps, cfg.overlap, cfg.beta)))
         return cls.allocate(batch, channels, cfg.frames, height, width, cfg.overlap, depth, device, dtype,
-                            clean_heads=clean)
+                            clean_heads=cfg.held_frames == "clean")
 
     def _buffers(self) -> tuple[str, ...]:
         return ("prev_initial", "prev_heads") + (() if self.prev_final_head is None else ("prev_final_head",))
@@ -65,6 +68,12 @@ class ClipState:
                 raise ValueError(f"ClipState.{name}: saved shape {tuple(theirs.shape)} != {tuple(mine.shape)}")
             mine.copy_(theirs)
         self.clips_done = int(state["clips_done"])
+
+
+def step_slots(cfg: SamplerConfig, dsg_depth: int) -> int:
+    """Per-step DSG slots a state keeps: DSG's depth, or none with clean held frames (shown finished at every
+    step, from prev_final_head)."""
+    return 0 if cfg.held_frames == "clean" else dsg_depth
 
 
 @functools.lru_cache(maxsize=16)
@@ -118,8 +127,8 @@ def sample_clip(
 ) -> torch.Tensor:
     """Denoise the next clip of the video (Eq. 5-8) and advance `state`; returns its x0 latents [B, C, N, h, w]."""
     mask, active, depth = _dsg_plan(cfg.steps, cfg.overlap, cfg.beta, state.prev_heads.device)
-    clean_run = cfg.held_frames == "clean"  # the held frames are shown finished at every step: no step slots
-    depth = 0 if clean_run else depth
+    clean_run = cfg.held_frames == "clean"
+    depth = step_slots(cfg, depth)
     _check_shapes(table, state, cfg, depth)
     reuse = state.clips_done > 0
     clean = reuse and clean_run and cfg.overlap > 0  # this clip's first M frames are held clean

@@ -208,15 +208,22 @@ def last_training_stage(source: ModelSource) -> dict:
     info_file = folder / "training.json" if folder is not None else None
     if info_file is None or not info_file.is_file():
         return {}
-    info = json.loads(info_file.read_text())
-    stages = info.get("stages", [info])
-    return (stages[-1] if stages else {}).get("train_config", {})
+    try:  # only a description of how the weights were made: unreadable means unknown, not an error
+        info = json.loads(info_file.read_text())
+        stages = info.get("stages", [info])
+        config = (stages[-1] if stages else {}).get("train_config", {})
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
-def trained_for_clean_held(source: ModelSource) -> bool:
-    """Whether the model was trained with continuations (training/train.py --context-share), so that the sampler
-    may show DSG's held frames clean (SamplerConfig.held_frames "clean")."""
-    return last_training_stage(source).get("context_share", 0.0) > 0
+def clean_held_overlap(source: ModelSource) -> int:
+    """The M the model was trained to continue from with clean held frames (training/train.py --context-share and
+    --context-frames), so that the sampler may show DSG's held frames clean (SamplerConfig.held_frames "clean");
+    0 if it was not."""
+    stage = last_training_stage(source)
+    trained = isinstance(stage.get("context_share"), (int, float)) and stage["context_share"] > 0
+    return int(stage.get("context_frames", 4)) if trained else 0
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> VidRDModel:

@@ -363,7 +363,7 @@ GENERATE = ["generate", "--prompt", "a red circle", "--model", "tiny", "--random
 
 def test_cli_rejects_bad_held_frames(tmp_path, capsys):
     code, _, err = run_cli([*GENERATE, "--held-frames", "bogus", "--out", str(tmp_path / "v.mp4")], capsys)
-    assert code == 2 and "--held-frames must be noisy or clean" in err and err.count("\n") == 1, err
+    assert code == 2 and "--held-frames must be auto, noisy or clean" in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -383,14 +383,32 @@ def test_cli_clean_generates(tmp_path, capsys, one_thread):
     assert np.load(out).shape == (8, 64, 64, 3) and "2 clips" in stdout
 
 
-def test_auto_held_frames_picks_clean_only_for_a_model_trained_for_it():
+def test_auto_held_frames_picks_clean_only_for_a_model_trained_for_it(tmp_path, capsys):
+    import shutil
+
     from vidrd_rt.cli import auto_held_frames
-    from vidrd_rt.runtime.weights import ModelSource, trained_for_clean_held
+    from vidrd_rt.runtime.weights import DEFAULT_MODEL, ModelSource, clean_held_overlap
 
     shipped, random = ModelSource(), ModelSource(model="tiny", random_weights=True)
-    assert trained_for_clean_held(shipped) and not trained_for_clean_held(random)
-    assert auto_held_frames(shipped, "torch", None) == "clean"
-    assert auto_held_frames(shipped, "torch", 1) == "clean"
-    assert auto_held_frames(shipped, "torch", 4) == "noisy"  # a wavefront cannot wait for finished clips
-    assert auto_held_frames(shipped, "compiled", None) == "noisy"
-    assert auto_held_frames(random, "torch", None) == "noisy"
+    assert clean_held_overlap(shipped) == 4 and clean_held_overlap(random) == 0
+    assert auto_held_frames(shipped, "torch", None, 4) == "clean"
+    assert auto_held_frames(shipped, "torch", 1, 4) == "clean"
+    assert capsys.readouterr().err == ""
+    assert auto_held_frames(shipped, "torch", 4, 4) == "noisy"  # a wavefront cannot wait for finished clips
+    assert auto_held_frames(shipped, "compiled", None, 4) == "noisy"
+    assert auto_held_frames(shipped, "torch", None, 8) == "noisy"  # trained to continue from M = 4 only
+    assert capsys.readouterr().err.count("note: this model was trained for --held-frames clean") == 3
+    assert auto_held_frames(random, "torch", None, 4) == "noisy"
+    # An unreadable training.json says nothing about the model: the paper's sampler, no traceback.
+    folder = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    for text in ("{bad", "[1]", '{"stages": [{"train_config": 3}]}'):
+        (folder / "training.json").write_text(text)
+        assert clean_held_overlap(ModelSource(model=str(folder))) == 0
+
+
+def test_train_config_rejects_bad_context_settings():
+    with pytest.raises(ValueError, match="--context-share"):
+        tr.TrainConfig(out="unused", context_share=-0.5)
+    with pytest.raises(ValueError, match="--context-frames"):
+        tr.TrainConfig(out="unused", context_frames=16)

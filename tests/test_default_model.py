@@ -110,7 +110,7 @@ def test_scenes_match_their_captions():
 
 
 def test_the_shipped_model_is_measured_on_its_torus():
-    """Stage 9 was trained on the torus; `vidrd-rt eval` and the README's numbers measure it there."""
+    """The shipped model (stage 9 on) was trained on the torus; `vidrd-rt eval` and the README measure it there."""
     assert ev.model_world(ModelSource()) == "torus"
 
 

@@ -82,6 +82,12 @@ class TrainConfig:
     # sampler holds all M, which is what the second half trained for).
     context_random_held: bool = False
 
+    def __post_init__(self):
+        if not 0.0 <= self.context_share <= 1.0:
+            raise ValueError(f"--context-share must be in [0, 1] (got {self.context_share})")
+        if not 0 <= self.context_frames < 16:
+            raise ValueError(f"--context-frames must be in [0, 16) for 16-frame clips (got {self.context_frames})")
+
 
 #################################################################################
 #                                   Setup                                        #
@@ -311,7 +317,7 @@ def diffusion_loss(model, latents, ids, alphas: torch.Tensor, gamma: float, gene
     a = alphas[t].view(b, 1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     steps, keep = t, None
-    if held is not None and bool((held > 0).any()):
+    if held is not None:  # (no host sync: a batch without continuations gets held=None from the caller)
         clean = torch.arange(frames, device=latents.device)[None] < held[:, None]  # (B, F)
         steps = torch.where(clean, 0, t[:, None])  # (B, F): a timestep per frame
         noisy = torch.where(clean[:, None, :, None, None], latents, noisy)
@@ -357,7 +363,7 @@ def train_unet(model: VidRDModel, cfg: TrainConfig, scale: float, generator, sav
         with torch.autocast(device_type=_device_type(cfg), dtype=torch.bfloat16, enabled=_cuda(cfg)):
             weights = latent_object_weights(video, latents.shape[-1], cfg.object_weight)
             loss, gap = diffusion_loss(model, latents, ids, alphas, cfg.min_snr_gamma, generator, weights,
-                                       cfg.high_noise_share, reversal, held)
+                                       cfg.high_noise_share, reversal, held if cfg.context_share > 0 else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
