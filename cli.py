@@ -103,13 +103,13 @@ def generate(
     ckpt: CkptOpt = None, sd: SdOpt = None, vae: VaeOpt = None,
 ):
     """Turn text into a video of any length, clip by clip, written while it is made."""
-    from .runtime.config import RuntimeConfig, SamplerConfig
+    from .runtime.config import HELD_FRAMES, RuntimeConfig, SamplerConfig
     from .runtime.generate import GenerateRequest
     from .runtime.progress import run_with_progress
 
     source = _source(model, random_weights, weights_seed, ckpt, sd, vae)
-    if held_frames not in ("auto", "noisy", "clean"):
-        _fail(f"--held-frames must be auto, noisy or clean (got {held_frames!r})")
+    if held_frames != "auto" and held_frames not in HELD_FRAMES:
+        _fail(f"--held-frames must be auto, {', '.join(HELD_FRAMES[:-1])} or {HELD_FRAMES[-1]} (got {held_frames!r})")
     if held_frames == "auto":
         held_frames = auto_held_frames(source, backend, inflight, overlap)
     request = GenerateRequest(

@@ -566,8 +566,8 @@ def markdown(doc: dict) -> str:
             f"clip's motion (on a torus: every seam); the next column is the centroid ratio over those seams alone. "
             f"Largest step near seam: the largest centroid step over each seam pair and the M pairs after it (a seam that DSG turns into a copy moves "
             f"its jump there), mean over seams; near-seam ratio: that over the mean step of all other pairs. "
-            f"Worst pair near seam: of the seam pair and the M pairs after it, the one with the largest mean step over seams; "
-            f"worst-pair ratio: that over the within-clip step.")
+            f"Worst pair near seam: of the seam pair and the M pairs after it, the one with the largest mean step "
+            f"over seams; worst-pair ratio: that over the within-clip step.")
     lines = ["# vidrd-rt eval", "", head, "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in COLUMNS) + "|"]
